@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make book` and `make test`.
+# Both create .venv and install requirements.txt when it is missing or older than the file.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: book test exercises lint clean-book help
+
+help:
+	@echo "make book       build the book, strict, every notebook executed (_build/html)"
+	@echo "make test       run the whole test suite (unit tests, book build, nbgrader round trip)"
+	@echo "make exercises  regenerate exercises/ from solutions/ with nbgrader"
+	@echo "make lint       ruff"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/python -m bncore.build
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+exercises: $(STAMP)
+	$(BIN)/python -m bncore.grading release
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-book:
+	rm -rf _build

@@ -1,0 +1,1 @@
+"""bncore: batch normalization from first principles."""

@@ -1,0 +1,56 @@
+"""Data sets that ship with scikit-learn, split and seeded. Nothing is downloaded.
+
+Every loader returns float64 NumPy arrays; convert with ``torch.as_tensor`` where torch is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """A train/test split. X_*: (N, D) float64, y_*: (N,) int64 (or float64 for regression)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    feature_names: tuple[str, ...]
+
+
+def _split(X, y, names, test_fraction, seed):
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(X))
+    n_test = int(round(test_fraction * len(X)))
+    test, train = order[:n_test], order[n_test:]
+    return Split(X[train], y[train], X[test], y[test], tuple(names))
+
+
+def wine(test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """scikit-learn's wine set: 178 wines, 13 chemical features on very different scales
+    (proline runs into the thousands, hue is near 1), 3 cultivars as labels."""
+    from sklearn.datasets import load_wine
+
+    bunch = load_wine()
+    return _split(bunch.data.astype(np.float64), bunch.target.astype(np.int64),
+                  bunch.feature_names, test_fraction, seed)
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0, scale: bool = True) -> Split:
+    """scikit-learn's digits: 1797 images of 8x8 pixels (64 features), 10 classes.
+
+    With ``scale=True`` the pixel values 0..16 are divided by 16, so inputs lie in [0, 1],
+    as MNIST's do in the batch-norm paper. Reshape X to (N, 1, 8, 8) for a conv net.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    X = bunch.data.astype(np.float64)
+    if scale:
+        X = X / 16.0
+    names = [f"pixel_{i // 8}_{i % 8}" for i in range(64)]
+    return _split(X, bunch.target.astype(np.int64), names, test_fraction, seed)
