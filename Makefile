@@ -19,7 +19,8 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 book: $(STAMP)
-	$(BIN)/python -m bncore.build
+	$(BIN)/jupyter-book build -W -n --keep-going .
+	$(BIN)/python book/_ext/check_offline.py _build/html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

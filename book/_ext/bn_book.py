@@ -1,0 +1,120 @@
+"""The book's local Sphinx extension (loaded by _config.yml, ``sphinx: local_extensions``).
+
+It does four small things that a static _config.yml cannot:
+
+1. **MathJax offline.** The pip package ``django-static-mathjax`` carries MathJax 3.2.2. Its
+   location depends on the virtual environment, so at every build the files the page needs
+   (``tex-chtml.js``, the TeX extensions, the CHTML output and its woff-v2 fonts, the menu and
+   the accessibility tools) are copied once into ``_build/mathjax/mathjax/`` and that folder is
+   served through ``html_extra_path``, which puts them at ``_build/html/mathjax/``. The
+   ``mathjax_path`` in _config.yml (``../mathjax/tex-chtml.js``, relative to ``_static/``)
+   points there; MathJax finds its fonts and extensions relative to its own script.
+2. **Fresh execution on CI.** With the environment variable ``CI`` set, notebooks are executed
+   with ``nb_execution_mode = "force"`` instead of the local ``cache``.
+3. **Colab links that open.** Colab opens ``.ipynb`` files only, and the pages are MyST
+   Markdown. The executed notebook of every page is published with the HTML under
+   ``_sources/<page>.ipynb``; the Colab launch button is pointed at that file on the branch
+   the site is published from (``bn_colab_branch``, ``gh-pages`` by default).
+4. **No CDN scripts.** Live code (thebe) is off, but sphinx-thebe still adds a script that names
+   thebe's CDN URL on every page; it is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.errors import ExtensionError
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
+
+MATHJAX_DIST = "django-static-mathjax"
+# Paths inside MathJax's es5/ folder that tex-chtml.js loads (directly or on demand).
+MATHJAX_PARTS = ("tex-chtml.js", "input", "output/chtml.js", "output/chtml", "ui", "a11y",
+                 "sre", "adaptors", "core.js", "startup.js", "loader.js")
+
+
+def mathjax_source() -> Path:
+    """The es5/ folder of the MathJax copy installed by django-static-mathjax."""
+    try:
+        dist = metadata.distribution(MATHJAX_DIST)
+    except metadata.PackageNotFoundError as err:
+        raise ExtensionError(f"{MATHJAX_DIST} is not installed (pip install -r requirements.txt)"
+                             ) from err
+    es5 = Path(dist.locate_file("mathjax/static/mathjax/es5"))
+    if not (es5 / "tex-chtml.js").is_file():
+        raise ExtensionError(f"no MathJax tex-chtml.js under {es5}")
+    return es5
+
+
+def stage_mathjax(app: Sphinx, config: Config) -> None:
+    """Copy MathJax into _build/mathjax/mathjax and serve it through html_extra_path."""
+    source = mathjax_source()
+    version = metadata.version(MATHJAX_DIST)
+    extra = Path(app.outdir).parent / "mathjax"   # outside _build/html, as Sphinx requires
+    target = extra / "mathjax"
+    stamp = target / ".version"
+    if not (stamp.is_file() and stamp.read_text() == version):
+        shutil.rmtree(target, ignore_errors=True)
+        for part in MATHJAX_PARTS:
+            src = source / part
+            dst = target / part
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+        shutil.copy2(source.parent / "LICENSE", target / "LICENSE")
+        stamp.write_text(version)
+    if str(extra) not in config.html_extra_path:
+        config.html_extra_path.append(str(extra))
+
+
+def execution_mode(app: Sphinx, config: Config) -> None:
+    """Execute every page afresh on CI; use the cache elsewhere."""
+    if os.environ.get("CI"):
+        config.nb_execution_mode = "force"
+
+
+def colab_from_published_notebook(app: Sphinx, pagename, templatename, context, doctree) -> None:
+    """Point the Colab button at the executed .ipynb published with the site."""
+    branch = app.config.bn_colab_branch
+    if not branch or "ipynb_source" not in context:
+        return
+    repo = app.config.html_theme_options.get("repository_url", "").rstrip("/")
+    if not repo.startswith("https://github.com/"):
+        return
+    org_repo = repo.removeprefix("https://github.com/")
+    for group in context.get("header_buttons", []):
+        for button in group.get("buttons", []):
+            if button.get("text") == "Colab":
+                colab = button["url"].split("/github/")[0]
+                button["url"] = (f"{colab}/github/{org_repo}/blob/{branch}/_sources/"
+                                 f"{context['ipynb_source']}")
+
+
+def drop_thebe_scripts(app: Sphinx, pagename, templatename, context, doctree) -> None:
+    """Leave out sphinx-thebe's scripts (they name a CDN) when live code is switched off."""
+    if app.config.html_theme_options.get("launch_buttons", {}).get("thebe"):
+        return
+    context["script_files"] = [
+        js for js in context.get("script_files", [])
+        if not (str(js).endswith("sphinx-thebe.js")
+                or "THEBE_JS_URL" in getattr(js, "attributes", {}).get("body", ""))
+    ]
+
+
+def setup(app: Sphinx) -> dict:
+    app.add_config_value("bn_colab_branch", "gh-pages", "html")
+    # Before Sphinx checks html_extra_path (priority 800) and before myst-nb reads its config.
+    app.connect("config-inited", stage_mathjax, priority=400)
+    app.connect("config-inited", execution_mode, priority=400)
+    # After sphinx-book-theme builds its launch buttons (priority 501).
+    app.connect("html-page-context", colab_from_published_notebook, priority=600)
+    app.connect("html-page-context", drop_thebe_scripts, priority=600)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
