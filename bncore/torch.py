@@ -244,7 +244,8 @@ def _ops_for(x: torch.Tensor):
 def _update_running_stats(running_mean, running_var, nbt, mean, var, count, momentum):
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # 0-d, stays on the device
     if nbt is not None:
-        nbt.add_(finite)
+        # An empty batch counts as a batch (as in torch) but changes no statistic.
+        nbt.add_(1 if count == 0 else finite)
     if running_mean is None:
         return
     if momentum is None:  # cumulative average: 1 / (number of finite batches so far)

@@ -286,6 +286,20 @@ def test_repr_parameters_and_buffers_match_torch(options, device):
 
 
 @on_devices
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch_counts_but_changes_no_statistic_like_torch(momentum, device):
+    ours, theirs = (cls(3, momentum=momentum, device=device)
+                    for cls in (bt.BatchNorm1d, torch.nn.BatchNorm1d))
+    x = torch.randn(6, 3, device=device)
+    for m in (ours, theirs):
+        m(torch.empty(0, 3, device=device))
+        m(x)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@on_devices
 def test_reset_running_stats_and_parameters(device):
     m = bt.BatchNorm1d(5, device=device)
     m(torch.randn(8, 5, device=device) * 3 + 1)
