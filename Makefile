@@ -23,6 +23,7 @@ book: $(STAMP)
 	$(BIN)/python book/_ext/check_offline.py _build/html
 
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 exercises: $(STAMP)

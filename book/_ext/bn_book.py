@@ -109,6 +109,33 @@ def drop_thebe_scripts(app: Sphinx, pagename, templatename, context, doctree) ->
     ]
 
 
+def executed_download_from_cache(app: Sphinx, pagename, templatename, context, doctree) -> None:
+    """Give the .ipynb download its outputs when they came from the execution cache.
+
+    myst-nb writes _build/jupyter_execute/<page>.ipynb, which sphinx-book-theme copies to
+    _sources/ for the download button, from the notebook as read; a notebook taken from the
+    cache (not executed in this build) is written without its outputs. Merge them back in.
+    """
+    import nbformat
+    from jupyter_cache import get_cache
+
+    if app.config.nb_execution_mode != "cache":
+        return
+    build = Path(app.outdir).parent
+    path = build / "jupyter_execute" / f"{pagename}.ipynb"
+    if not path.is_file():
+        return
+    notebook = nbformat.read(path, as_version=4)
+    if any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"):
+        return
+    cache = get_cache(app.config.nb_execution_cache_path or build / ".jupyter_cache")
+    try:
+        _, merged = cache.merge_match_into_notebook(notebook)
+    except KeyError:
+        return
+    nbformat.write(merged, path)
+
+
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bn_colab_branch", "gh-pages", "html")
     # Before Sphinx checks html_extra_path (priority 800) and before myst-nb reads its config.
@@ -117,4 +144,6 @@ def setup(app: Sphinx) -> dict:
     # After sphinx-book-theme builds its launch buttons (priority 501).
     app.connect("html-page-context", colab_from_published_notebook, priority=600)
     app.connect("html-page-context", drop_thebe_scripts, priority=600)
+    # Before sphinx-book-theme copies the notebook to _sources/ (priority 501).
+    app.connect("html-page-context", executed_download_from_cache, priority=450)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
