@@ -40,17 +40,34 @@ def wine(test_fraction: float = 0.25, seed: int = 0) -> Split:
                   bunch.feature_names, test_fraction, seed)
 
 
+def _digits_table() -> np.ndarray:
+    """scikit-learn's digits.csv.gz (64 pixel columns, then the label), read with NumPy: the
+    numbers of ``sklearn.datasets.load_digits()`` without importing scikit-learn, which takes
+    0.7 s in every graded notebook that loads the digits."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                            "digits.csv.gz")
+        if os.path.isfile(path):
+            return np.loadtxt(path, delimiter=",")
+    from sklearn.datasets import load_digits  # another layout: ask scikit-learn
+
+    bunch = load_digits()
+    return np.column_stack([bunch.data, bunch.target])
+
+
 def digits(test_fraction: float = 0.25, seed: int = 0, scale: bool = True) -> Split:
     """scikit-learn's digits: 1797 images of 8x8 pixels (64 features), 10 classes.
 
     With ``scale=True`` the pixel values 0..16 are divided by 16, so inputs lie in [0, 1],
     as MNIST's do in the batch-norm paper. Reshape X to (N, 1, 8, 8) for a conv net.
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    X = bunch.data.astype(np.float64)
+    table = _digits_table()
+    X = table[:, :-1].astype(np.float64)
     if scale:
         X = X / 16.0
     names = [f"pixel_{i // 8}_{i % 8}" for i in range(64)]
-    return _split(X, bunch.target.astype(np.int64), names, test_fraction, seed)
+    return _split(X, table[:, -1].astype(np.int64), names, test_fraction, seed)
