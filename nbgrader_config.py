@@ -4,18 +4,35 @@
     exercises/<assignment>/   the student release, generated: make exercises
     submitted/, autograded/, feedback/, gradebook.db, grades.csv   grading work (git-ignored)
 
-An instructor's round: put submissions in submitted/<student>/<assignment>/, then
-`nbgrader autograde <assignment>`, `nbgrader generate_feedback <assignment>` and
-`nbgrader export` (grades.csv). A student checks a notebook with `nbgrader validate <notebook>`.
+An instructor's round (book/instructors.md): put submissions in submitted/<student>/<assignment>/,
+then `nbgrader autograde <assignment>`, `nbgrader generate_feedback <assignment>` and
+`nbgrader export` (grades.csv). A student checks a notebook with
+`python -m bncore.grading check <notebook>`.
+
+Autograding runs students' code: it runs in the sandbox of bncore/sandbox.py (limits, bubblewrap
+where available, the checking environment put back before every test), and the feedback hides
+the hidden tests (bncore.grading.HideHiddenTests).
 """
 
 import os
 import sys
 
-from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import GetGrades
+from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor
+from nbgrader.preprocessors import (
+    AssignLatePenalties,
+    CheckCellMetadata,
+    ClearOutput,
+    DeduplicateIds,
+    GetGrades,
+    IgnorePattern,
+    LimitOutput,
+    OverwriteCells,
+    OverwriteKernelspec,
+    SaveAutoGrades,
+)
 
 from bncore.grading import HideHiddenTests
+from bncore.sandbox import GradingExecute, SanitizeSubmission, StoreGradingReport
 
 c = get_config()  # noqa: F821 (provided by traitlets when it loads this file)
 
@@ -39,6 +56,39 @@ c.Autograde.create_student = True
 
 # Seconds per cell when autograding or validating; a graded notebook runs in seconds in total.
 c.Execute.timeout = 60
+
+# Autograding runs untrusted code. nbgrader's own steps, with three of ours (bncore/sandbox.py):
+# SanitizeSubmission repairs tampered nbgrader metadata and puts deleted locked cells back;
+# GradingExecute runs the kernel in the sandbox, caps outputs, survives dying and hanging
+# kernels and restores what a submission patched before each test; StoreGradingReport keeps
+# its record in the autograded notebook (bncore.grading.grading_problems reads it).
+c.Autograde.sanitize_preprocessors = [
+    ClearOutput, SanitizeSubmission, DeduplicateIds, OverwriteKernelspec, OverwriteCells,
+    CheckCellMetadata,
+]
+c.Autograde.autograde_preprocessors = [
+    GradingExecute, IgnorePattern, ClearMetadataPreprocessor, LimitOutput, StoreGradingReport,
+    SaveAutoGrades, AssignLatePenalties, CheckCellMetadata,
+]
+# The kernel's limits (RLIMIT_AS, RLIMIT_CPU, RLIMIT_NPROC, RLIMIT_FSIZE) and the sandbox:
+# "auto" uses bubblewrap when it is installed and nbgrader runs as root, else limits only.
+c.SandboxedKernelManager.sandbox = "auto"
+c.SandboxedKernelManager.memory_limit = 2 * 2**30
+c.SandboxedKernelManager.cpu_limit = 600
+c.SandboxedKernelManager.process_limit = 64
+c.SandboxedKernelManager.file_size_limit = 64 * 2**20
+# What one cell may print into the autograded notebook (bytes); the rest is dropped.
+c.GradingExecute.max_output_bytes = 2**20
+# Log what looks wrong in each submission (wrong file name, suspicious code) before grading it.
+c.Autograde.pre_convert_hook = "bncore.grading.report_submission_problems"
+
+# `nbgrader zip_collect <assignment>` files a learning platform's download into submitted/.
+# This pattern reads Canvas's names, <name>_[LATE_]<user id>_<submission id>_<file>[-<n>].ipynb
+# (e.g. doejane_LATE_1001_5001_ch3-forward-backward-1.ipynb: student 1001); the student id is
+# the platform's user id. Adapt it to your platform (book/instructors.md).
+c.FileNameCollectorPlugin.named_regexp = (
+    r".*/[^/]*?_(?:LATE_)?(?P<student_id>\d+)_\d+_(?P<file_id>[^/]+?)(?:-\d+)?\.ipynb$"
+)
 
 # Feedback must not reveal the hidden tests. nbgrader's default feedback shows the autograded
 # notebook as it is, hidden tests included; HideHiddenTests removes the hidden test code and

@@ -11,7 +11,13 @@ For each assignment under solutions/, a temporary copy of the course gets four s
   reference implementation: no points from any test cell that holds hidden tests.
 
 Then the feedback (HTML with the score, without hidden test code) and the grade CSV are
-checked against the gradebook. The helpers at the bottom of this file are the rule itself.
+checked against the gradebook, and the honest submissions must leave the grader nothing to
+report (``bncore.grading.grading_problems``) and the scan nothing to flag. The helpers at the
+top of this file are the rule itself.
+
+``test_instructor_workflow`` runs every command of book/instructors.md on a small class, from a
+Canvas download to the grade CSV. The hostile submissions are in test_hostile.py, the students'
+self-check in test_selfcheck.py.
 """
 
 from __future__ import annotations
@@ -229,6 +235,67 @@ def test_hide_hidden_tests_removes_code_and_tracebacks():
     assert "f(2) is wrong" in shown and "assert f(2)" not in shown
 
 
+def test_scan_code_flags_what_reaches_outside():
+    flagged = {
+        "import os\nos._exit(0)": "exits the kernel",
+        "import sys\nsys.exit()": "exits",
+        "import bncore.numpy as bn": "reference implementation",
+        "from bncore.numpy import batch_norm_forward as f": "reference implementation",
+        "import numpy as np\nnp.allclose = lambda *a, **k: True": "changes the module numpy",
+        "import numpy.testing as npt\nnpt.assert_allclose = print": "changes the module",
+        "import builtins\nbuiltins.len = None": "builtins",
+        "get_ipython().input_transformers_post.append(f)": "changes how cells run",
+        "import sys\nsys.settrace(None)": "trace hook",
+        "f.__code__ = g.__code__": "rewrites function code",
+        "open('/etc/passwd').read()": "opens files",
+        "exec(source)": "runs generated code",
+        "import subprocess": "starts processes",
+        "import ctypes": "ctypes",
+        "!rm -rf ~": "shell command",
+        "%run other.py": "magic %run",
+        "try:\n    pass\nexcept KeyboardInterrupt:\n    pass": "catches KeyboardInterrupt",
+        "def f(:\n    open('x')": "opens files",  # a syntax error: still scanned
+    }
+    for source, reason in flagged.items():
+        found = grading.scan_code(source)
+        assert any(reason in r for r in found), f"{source!r}: {found}"
+    for assignment in ASSIGNMENTS:  # every model answer is clean
+        nb = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", 4)
+        for cell in nb.cells:
+            if is_code_answer(cell):
+                assert grading.scan_code(model_answer(cell.source)) == [], (
+                    assignment, nbgrader_meta(cell)["grade_id"],
+                    grading.scan_code(model_answer(cell.source)))
+
+
+def test_grader_hooks_undo_and_detect_patches():
+    import bncore.numpy as bn
+
+    hooks = grading.GraderHooks
+    assert hooks._state is None  # outside grading, nothing is sealed and verify does nothing
+    hooks.verify("x")
+    hooks.seal(["bncore.numpy"])
+    try:
+        allclose, code = np.allclose, bn.batch_norm_forward.__code__
+        np.allclose = lambda *args, **kwargs: True
+        with pytest.raises(grading.GradingTampered, match="numpy.allclose"):
+            hooks.verify("your answer")
+        with pytest.raises(grading.GradingTampered):  # assert_close checks first
+            assert_close("y", np.zeros(2), np.ones(2))
+        assert "numpy.allclose" in hooks.restore() and np.allclose is allclose
+        hooks.verify("x")
+        bn.batch_norm_forward.__code__ = (lambda x, gamma, beta, eps=1e-5: None).__code__
+        with pytest.raises(grading.GradingTampered, match="batch_norm_forward"):
+            with reference_forbidden("mine"):  # verified on the way out
+                pass
+        assert any("batch_norm_forward" in r for r in hooks.restore())
+        assert bn.batch_norm_forward.__code__ is code
+        assert hooks.restore() == []
+    finally:
+        hooks.restore()
+        hooks._state = None
+
+
 # --- the round trip ------------------------------------------------------------------------
 
 
@@ -292,6 +359,14 @@ def test_round_trip(assignment, tmp_path, capsys):
         assert scores[student] == pytest.approx(wanted), (
             f"{assignment}: {student} scored {scores[student]}, expected {wanted} "
             f"(autograded total {total})")
+        # An honest submission: nothing for the grader to undo or report, nothing suspicious.
+        graded = course / "autograded" / student / assignment / name
+        problems = grading.grading_problems(graded)
+        assert problems == [], (student, problems)
+        assert not grading.timed_out(graded)
+        submitted = course / "submitted" / student / assignment / name
+        found = grading.scan_submission(submitted)
+        assert found == [], (student, found)
     if cheat_grades:
         assert not any(cheat_grades.values()), (
             f"{assignment}: answers calling bncore earned hidden-test points: {cheat_grades}")
@@ -335,3 +410,104 @@ def test_round_trip(assignment, tmp_path, capsys):
     for student, score in scores.items():
         assert float(rows[student]["score"]) == pytest.approx(score)
         assert float(rows[student]["max_score"]) == pytest.approx(max_score)
+
+
+# --- the instructor's workflow, as book/instructors.md gives it ------------------------------
+
+WORKFLOW_ASSIGNMENT = "ch3-forward-backward"
+# Every command of the instructors' page, in its order; the test runs each one.
+WORKFLOW = [
+    "python -m bncore.sandbox check",
+    "nbgrader generate_assignment ch3-forward-backward --force",
+    "nbgrader db student import students.csv",
+    "nbgrader zip_collect ch3-forward-backward",
+    "python -m bncore.grading scan submitted/*/ch3-forward-backward/ch3-forward-backward.ipynb",
+    "python -m bncore.autograde ch3-forward-backward --jobs 2",
+    "python -m bncore.grading written ch3-forward-backward",
+    "python -m bncore.grading written ch3-forward-backward --score 1001 written_jacobian 2 "
+    '--comment "Clear and complete."',
+    "nbgrader generate_feedback ch3-forward-backward",
+    "nbgrader export",
+]
+
+
+def test_instructors_page_gives_the_tested_commands():
+    page = (ROOT / "book" / "instructors.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", page, flags=re.S))
+    for command in WORKFLOW:
+        assert command in blocks, f"book/instructors.md does not give: {command}"
+    positions = [blocks.index(command) for command in WORKFLOW]
+    assert positions == sorted(positions), "the page gives the commands in another order"
+
+
+@pytest.mark.slow
+def test_instructor_workflow(tmp_path, capsys):
+    """Release, class list, zip_collect from a Canvas download, scan, autograde the class,
+    grade a written answer, feedback, export: each command of book/instructors.md, for real."""
+    import glob
+    import shlex
+    import zipfile
+
+    from nbgrader.api import Gradebook
+
+    assignment, name = WORKFLOW_ASSIGNMENT, f"{WORKFLOW_ASSIGNMENT}.ipynb"
+    course = tmp_path / "course"
+    (course / "solutions").mkdir(parents=True)
+    shutil.copytree(ROOT / "solutions" / assignment, course / "solutions" / assignment)
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    (course / "students.csv").write_text(
+        "id,first_name,last_name,email\n1001,Jane,Doe,\n1002,Bob,Roe,\n1003,Ann,Poe,\n")
+    release = nbformat.read(ROOT / "exercises" / assignment / name, as_version=4)
+    solution = nbformat.read(ROOT / "solutions" / assignment / name, as_version=4)
+    everything = [nbgrader_meta(c)["grade_id"] for c in solution.cells
+                  if nbgrader_meta(c).get("solution")]
+    first = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)][:1]
+    archive = course / "downloaded" / assignment / "archive"
+    archive.mkdir(parents=True)
+    with zipfile.ZipFile(archive / "canvas-download.zip", "w") as zf:  # as Canvas names them
+        zf.writestr(f"doejane_1001_5001_{name}",
+                    nbformat.writes(submission(release, solution, fill=everything)))
+        zf.writestr(f"roebob_LATE_1002_5002_{assignment}-1.ipynb",
+                    nbformat.writes(submission(release, solution, fill=first)))
+
+    outputs = {}
+    for command in WORKFLOW:
+        args = shlex.split(command)
+        if args[0] == "python":
+            args = [sys.executable, *args[1:]]
+        elif args[0] == "nbgrader":
+            args = [*grading.nbgrader_command(), *args[1:]]
+        args = [a for arg in args
+                for a in (sorted(glob.glob(arg, root_dir=course)) if "*" in arg else [arg])]
+        t0 = time.perf_counter()
+        done = subprocess.run(args, cwd=course, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+        outputs[command] = done.stdout + done.stderr
+        with capsys.disabled():
+            print(f"{command[:60]:60s} {time.perf_counter() - t0:5.1f} s")
+
+    for student in ("1001", "1002"):
+        assert (course / "submitted" / student / assignment / name).exists()
+    assert outputs[WORKFLOW[4]].count(": clean") == 2
+    summary = outputs[WORKFLOW[5]]
+    assert "2 graded" in summary and "0 failed" in summary, summary
+    listing = outputs[WORKFLOW[6]]
+    assert "1001" in listing and "1002" in listing and "written_jacobian" in listing
+
+    total = autograded_points(solution)
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
+        written = gb.find_grade("written_jacobian", assignment, assignment, "1001")
+        assert written.manual_score == 2 and not written.needs_manual_grade
+        scores = {s: gb.find_submission(assignment, s).score for s in ("1001", "1002")}
+        max_score = gb.find_assignment(assignment).max_score
+    assert scores == {"1001": pytest.approx(total + 2),
+                      "1002": pytest.approx(points(group_one(solution)))}
+    page = visible_text((course / "feedback" / "1001" / assignment
+                         / f"{assignment}.html").read_text())
+    assert "Clear and complete." in page
+    assert f"(Score: {round(total + 2, 2)} / {round(float(max_score), 2)})" in page
+    with open(course / "grades.csv", newline="") as fh:
+        rows = {r["student_id"]: r for r in csv.DictReader(fh) if r["assignment"] == assignment}
+    assert set(rows) == {"1001", "1002", "1003"}
+    assert float(rows["1001"]["score"]) == pytest.approx(total + 2)
+    assert float(rows["1003"]["score"]) == 0

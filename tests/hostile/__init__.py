@@ -1,0 +1,1 @@
+"""The hostile corpus: bad and malicious submissions for the grading tests (see cases.py)."""
