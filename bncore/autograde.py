@@ -41,7 +41,8 @@ How it stays correct
   is graded again. So after a crash, running the same command again grades what is missing.
 - **A submission that breaks the grader is reported and the run goes on.** Every outcome is one
   of: ``graded``; ``suspicious`` (graded, but ``bncore.grading.scan_submission`` found something
-  to look at); ``timed out`` (graded, but a cell ran past ``Execute.timeout`` and was stopped);
+  to look at, or the grader had to undo tampering during the run); ``timed out`` (graded,
+  but a cell ran past ``Execute.timeout`` and was stopped);
   ``failed`` (nbgrader could not grade it: the reason is in the notes, the details in the
   worker's log). The notes also carry what ``bncore.grading.grading_problems`` read from the
   grader's record (a kernel that died, output cut off...). The exit status is 0 when every
@@ -78,6 +79,8 @@ STATE_DIR = Path(".grading") / "autograde"
 KILL_ENV = "BNCORE_AUTOGRADE_KILL"
 
 GRADED, SUSPICIOUS, TIMED_OUT, FAILED = "graded", "suspicious", "timed out", "failed"
+# Grading problems (bncore.grading.grading_problems) that mean the submission fought the grader.
+_TAMPERING = ("tampering", "could not check the environment", "result value in the test")
 STATUSES = (GRADED, SUSPICIOUS, TIMED_OUT, FAILED)
 
 
@@ -293,7 +296,7 @@ class Grader:
                 result.status = TIMED_OUT
                 if not any("timed out" in note for note in result.notes):
                     result.notes.append("a cell ran past the time limit and was stopped")
-            elif reasons:
+            elif reasons or any(note.startswith(_TAMPERING) for note in result.notes):
                 result.status = SUSPICIOUS
             else:
                 result.status = GRADED
@@ -518,7 +521,7 @@ def run(assignments, students=None, jobs=None, force=False, timeout=1800.0,
         score = ("-" if result.score is None
                  else f"{result.score:g}/{result.max_score:g}")
         note = f"  {result.notes[0]}" if result.notes and result.status != GRADED else ""
-        say(f"[{len(results):>{width}}/{total}] {result.student:<{sw}}  "
+        say(f"[student {len(results):>{width}} of {total}] {result.student:<{sw}}  "
             f"{result.assignment:<{aw}}  {score:>9}  {result.status:<10} "
             f"{result.seconds:5.1f} s{note}")
 

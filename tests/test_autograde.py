@@ -184,7 +184,7 @@ def test_parallel_grades_equal_plain_nbgrader(released, notebooks, sequential, t
     # Progress lines, then the table and the totals.
     out = done.stdout
     for i in range(1, len(KINDS) + 1):
-        assert f"[{i}/{len(KINDS)}]" in out, out
+        assert f"[student {i} of {len(KINDS)}]" in out, out
     assert f"{len(KINDS)} submission(s): {len(KINDS)} graded, 0 suspicious, 0 timed out, " \
            "0 failed." in out, out
     # Run again: everything is graded already, nothing is redone.
