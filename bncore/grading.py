@@ -71,8 +71,12 @@ def _calls_reference(filename: str, _reference_files=REFERENCE_FILES) -> bool:
 
 
 @contextlib.contextmanager
-def reference_forbidden(what: str = "your answer"):
+def reference_forbidden(what: str = "your answer", functions: Sequence = ()):
     """Fail if any function defined in bncore.numpy or bncore.torch runs inside the block.
+
+    functions: further reference answers (functions or code objects) that must not run, for a
+    module that also holds code the answer may call (``bncore.tracking`` holds the net that
+    chapter 2's answers train, so only its answers are forbidden, not the whole file).
 
     Calls are watched with a profile hook (``sys.setprofile``, and ``threading.setprofile`` for
     threads started in the block); an answer that removes the hook fails as well.
@@ -81,9 +85,11 @@ def reference_forbidden(what: str = "your answer"):
     ...     out = batchnorm_forward(x, gamma, beta)
     """
     called: list[str] = []
+    forbidden_code = frozenset(getattr(f, "__code__", f) for f in functions)
 
     def profiler(frame, event, arg):
-        if event == "call" and _calls_reference(frame.f_code.co_filename):
+        if event == "call" and (frame.f_code in forbidden_code
+                                or _calls_reference(frame.f_code.co_filename)):
             called.append(frame.f_code.co_name)
 
     previous = sys.getprofile()

@@ -25,8 +25,6 @@ not examples: shuffling ``b``'s rows does not change it.
 from __future__ import annotations
 
 import contextlib
-import sys
-import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -266,54 +264,20 @@ def _one_blas_thread():
 
 # --- grading: the reference answers must not run inside a student's answer ------------------
 
-_REFERENCE_CODE = frozenset(f.__code__ for f in (
-    percentiles, drift, track_training, ActivationTracker.__init__, ActivationTracker.record,
-    ActivationTracker.history))
+# The reference answers of chapter 2's graded notebook. This file also holds the net and the
+# training loop that the answers must use, so the grader forbids these functions, not the file.
+REFERENCE_ANSWERS = (percentiles, drift, track_training, ActivationTracker.__init__,
+                     ActivationTracker.record, ActivationTracker.history)
 
 
-class TrackingReferenceCalled(AssertionError):
-    """Raised when graded code runs one of this module's reference answers."""
-
-
-@contextlib.contextmanager
 def tracking_forbidden(what: str = "your answer"):
-    """Fail if a reference answer of this module (percentiles, drift, ActivationTracker,
-    track_training) runs inside the block; SigmoidMLP, train and accuracy stay allowed.
+    """``bncore.grading.reference_forbidden`` that also forbids this module's reference answers
+    (percentiles, drift, ActivationTracker, track_training); SigmoidMLP, train and accuracy stay
+    allowed. Raises ``bncore.grading.ReferenceCalled``.
 
-    bncore.grading.reference_forbidden watches whole files, and this file also holds the net
-    that the graded code must use; so this guard watches the answers' code objects instead.
-    It chains to a profile hook that is already installed, so it nests inside
-    ``reference_forbidden`` (enter that one first) and both keep watching. An answer that
-    removes the hook fails as well.
-
-    >>> with reference_forbidden("drift"), tracking_forbidden("drift"):
+    >>> with tracking_forbidden("drift"):
     ...     d = drift(prev, curr)
     """
-    called: list[str] = []
-    previous = sys.getprofile()
-    previous_threads = threading.getprofile()
+    from bncore.grading import reference_forbidden
 
-    def profiler(frame, event, arg):
-        if previous is not None:
-            previous(frame, event, arg)
-        if event == "call" and frame.f_code in _REFERENCE_CODE:
-            called.append(frame.f_code.co_name)
-
-    sys.setprofile(profiler)
-    threading.setprofile(profiler)
-    try:
-        yield
-    finally:
-        hook_kept = sys.getprofile() is profiler
-        sys.setprofile(previous)
-        threading.setprofile(previous_threads)
-    if not hook_kept:
-        raise TrackingReferenceCalled(
-            f"{what} replaced the profile hook (sys.setprofile) that the grader uses to check "
-            "for calls into bncore; leave it alone."
-        )
-    if called:
-        raise TrackingReferenceCalled(
-            f"{what} calls bncore.tracking's reference answer ({called[0]}); "
-            "write the computation yourself with NumPy."
-        )
+    return reference_forbidden(what, functions=REFERENCE_ANSWERS)
