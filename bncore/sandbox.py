@@ -153,6 +153,12 @@ def bwrap_arguments(*, cwd: Path, rundir: Path, hidden: list[Path], scratch_size
                 args += ["--tmpfs", str(path)]
             for keep in needed:
                 if path in keep.parents:
+                    # bwrap creates the folders leading to a mount point as 0700 root, which the
+                    # kernel's unprivileged user cannot pass (a venv at /tmp/clone/.venv): open
+                    # them first, from the top down.
+                    for folder in reversed(keep.parents):
+                        if path in folder.parents:
+                            args += ["--perms", "0755", "--dir", str(folder)]
                     args += ["--ro-bind", str(keep), str(keep)]
         else:
             args += ["--ro-bind", "/dev/null", str(path)]

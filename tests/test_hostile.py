@@ -24,6 +24,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -327,3 +328,30 @@ def test_corpus_readme_lists_every_case():
     from hostile.cases import describe
 
     assert table == describe(cases("MARKER")), "regenerate the table in tests/hostile/README.md"
+
+
+def test_sandbox_reaches_a_python_installed_under_a_hidden_folder(tmp_path, monkeypatch,
+                                                                   request):
+    """A clone under /tmp puts the venv under a folder the sandbox hides; the folders bwrap makes
+    on the way to the re-exposed venv must let the kernel's unprivileged user through."""
+    if sandbox_mode("auto")[0] != "bwrap":
+        pytest.skip(sandbox_mode("auto")[1])
+    from bncore import sandbox
+
+    # pytest's own temporary folders are 0700; a clone's folders are world-readable.
+    base = Path(tempfile.mkdtemp(prefix="bncore-sandbox-"))
+    base.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    hidden = base / "hidden"
+    venv = hidden / "clone" / ".venv"
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    monkeypatch.setattr(sandbox, "_python_installation", lambda: [venv])
+    cwd, rundir = tmp_path / "work", tmp_path / "run"
+    cwd.mkdir()
+    rundir.mkdir()
+    args = sandbox.bwrap_arguments(cwd=cwd, rundir=rundir, hidden=[hidden], scratch_size=2**20,
+                                   uid=1_234_567, env={"PATH": "/usr/bin:/bin"})
+    done = subprocess.run([*args, "cat", str(venv / "pyvenv.cfg")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "home" in done.stdout, done.stderr
