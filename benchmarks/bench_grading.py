@@ -48,7 +48,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_grading import is_code_answer, nbgrader_meta, submission  # noqa: E402
+from test_grading import nbgrader_meta, submission_kinds  # noqa: E402
 
 from bncore import grading  # noqa: E402
 
@@ -69,12 +69,7 @@ def make_course(course: Path, students: int, assignments: list[str]) -> dict:
         name = f"{assignment}.ipynb"
         release = nbformat.read(course / "exercises" / assignment / name, as_version=4)
         solution = nbformat.read(course / "solutions" / assignment / name, as_version=4)
-        answers = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)]
-        every = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-                 if nbgrader_meta(c).get("solution")]
-        notebooks = {"full": submission(release, solution, fill=every),
-                     "partial": submission(release, solution, fill=answers[:1]),
-                     "untouched": release}
+        notebooks = submission_kinds(release, solution)
         for i in range(students):
             student = f"s{i:03d}"
             kind = KINDS[(i + j) % len(KINDS)]

@@ -22,14 +22,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_grading import (
-    autograded_points,
-    group_one,
-    is_code_answer,
-    nbgrader_meta,
-    points,
-    submission,
-)
+from test_grading import autograded_points, group_one, points, submission_kinds
 
 from bncore import grading
 
@@ -91,12 +84,7 @@ def notebooks(released):
     """The three kinds of submission, and the score each must get."""
     release = nbformat.read(released / "exercises" / ASSIGNMENT / NAME, as_version=4)
     solution = nbformat.read(released / "solutions" / ASSIGNMENT / NAME, as_version=4)
-    answers = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)]
-    every = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-             if nbgrader_meta(c).get("solution")]
-    kinds = {"full": submission(release, solution, fill=every),
-             "partial": submission(release, solution, fill=answers[:1]),
-             "untouched": release}
+    kinds = submission_kinds(release, solution)
     expected = {"full": autograded_points(solution), "partial": points(group_one(solution)),
                 "untouched": 0.0}
     return kinds, expected

@@ -126,6 +126,18 @@ def submission(release, solution, fill=(), answers=None):
     return nb
 
 
+def submission_kinds(release, solution) -> dict:
+    """The three submissions every assignment is graded on: ``full`` (every answer from the
+    solution), ``untouched`` (the release) and ``partial`` (only the first code answer, the
+    course's generic partial-credit rule)."""
+    first = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)][:1]
+    every = [nbgrader_meta(c)["grade_id"] for c in solution.cells
+             if nbgrader_meta(c).get("solution")]
+    return {"full": submission(release, solution, fill=every),
+            "untouched": release,
+            "partial": submission(release, solution, fill=first)}
+
+
 def hidden_lines(solution, release) -> set[str]:
     """Lines of hidden test code that appear nowhere in the release, and so must never appear
     in feedback. String-literal lines are left out: a test's message is meant to be shown."""
@@ -320,15 +332,7 @@ def test_round_trip(assignment, tmp_path, capsys):
     release = nbformat.read(committed if committed.exists()
                             else course / "exercises" / assignment / name, as_version=4)
     solution = nbformat.read(course / "solutions" / assignment / name, as_version=4)
-    answers = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)]
-    all_answers = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-                   if nbgrader_meta(c).get("solution")]
-
-    students = {
-        "full": submission(release, solution, fill=all_answers),
-        "untouched": release,
-        "partial": submission(release, solution, fill=answers[:1]),
-    }
+    students = submission_kinds(release, solution)
     if assignment in CHEATS:
         students["cheater"] = submission(release, solution, answers=CHEATS[assignment])
     for student, nb in students.items():
@@ -459,16 +463,14 @@ def test_instructor_workflow(tmp_path, capsys):
         "id,first_name,last_name,email\n1001,Jane,Doe,\n1002,Bob,Roe,\n1003,Ann,Poe,\n")
     release = nbformat.read(ROOT / "exercises" / assignment / name, as_version=4)
     solution = nbformat.read(ROOT / "solutions" / assignment / name, as_version=4)
-    everything = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-                  if nbgrader_meta(c).get("solution")]
-    first = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)][:1]
+    kinds = submission_kinds(release, solution)
     archive = course / "downloaded" / assignment / "archive"
     archive.mkdir(parents=True)
     with zipfile.ZipFile(archive / "canvas-download.zip", "w") as zf:  # as Canvas names them
         zf.writestr(f"doejane_1001_5001_{name}",
-                    nbformat.writes(submission(release, solution, fill=everything)))
+                    nbformat.writes(kinds["full"]))
         zf.writestr(f"roebob_LATE_1002_5002_{assignment}-1.ipynb",
-                    nbformat.writes(submission(release, solution, fill=first)))
+                    nbformat.writes(kinds["partial"]))
 
     outputs = {}
     for command in WORKFLOW:
