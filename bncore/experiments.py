@@ -387,3 +387,10 @@ def placement_table(results: dict, placements: tuple = (None, "before", "after")
                  for acc in results.values()]
         rows.append(f"| {paired[0]} − {paired[1]}, paired | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def steps_to(history: dict, level: float) -> int | None:
+    """The first evaluated step at which a :func:`train_classifier` history's test accuracy
+    reaches ``level`` (None if it never does)."""
+    hit = np.flatnonzero(np.array(history["test_acc"]) >= level)
+    return int(history["step"][hit[0]]) if len(hit) else None

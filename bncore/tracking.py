@@ -138,6 +138,14 @@ def track_training(net: SigmoidMLP, data, steps: int, every: int = 10, lr: float
 
 # --- a tiny NumPy net: Linear -> [BN] -> sigmoid, ..., Linear ------------------------------
 
+def median_movement(tracker: ActivationTracker, layer: int) -> np.ndarray:
+    """Per unit of ``layer``, how far its median moved over training: the range of the 50th
+    percentile divided by the mean 15-85 spread. Needs a tracker of the default quantiles
+    (15, 50, 85). Returns (units,)."""
+    _, P = tracker.history(layer)  # P: (records, 3 percentiles, units)
+    return np.ptp(P[:, 1], axis=0) / (P[:, 2] - P[:, 0]).mean(axis=0)
+
+
 class SigmoidMLP:
     """A fully connected net with sigmoid hidden layers and, optionally, batch norm before
     each sigmoid (Linear -> BN -> sigmoid), as in the batch-norm paper's MNIST experiment.

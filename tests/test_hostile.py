@@ -64,6 +64,17 @@ def outputs_text(nb) -> str:
     return "\n".join(parts)
 
 
+def released_course(course: Path) -> Kit:
+    """A course folder with the corpus's assignment released by nbgrader, and the kit that
+    builds submissions from that release and its solution."""
+    (course / "solutions").mkdir(parents=True)
+    shutil.copytree(ROOT / "solutions" / ASSIGNMENT, course / "solutions" / ASSIGNMENT)
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    run("generate_assignment", ASSIGNMENT, "--force", cwd=course)
+    return Kit(nbformat.read(course / "exercises" / ASSIGNMENT / NOTEBOOK, as_version=4),
+               nbformat.read(course / "solutions" / ASSIGNMENT / NOTEBOOK, as_version=4))
+
+
 def test_ci_has_the_sandbox():
     """Where CI runs (as root, bwrap installed by scripts/system-deps.sh) the sandbox works, so
     no hostile case is skipped there."""
@@ -83,12 +94,7 @@ def graded_class(tmp_path_factory):
     corpus = [c for c in corpus if c not in left_out]
 
     course = tmp_path_factory.mktemp("hostile") / "course"
-    (course / "solutions").mkdir(parents=True)
-    shutil.copytree(ROOT / "solutions" / ASSIGNMENT, course / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    run("generate_assignment", ASSIGNMENT, "--force", cwd=course)
-    kit = Kit(nbformat.read(course / "exercises" / ASSIGNMENT / NOTEBOOK, as_version=4),
-              nbformat.read(course / "solutions" / ASSIGNMENT / NOTEBOOK, as_version=4))
+    kit = released_course(course)
     for case in corpus:
         case.build(kit, course, case.student)
     # The class list, as an instructor imports it: students who hand in nothing still get a row.
@@ -300,12 +306,7 @@ def test_without_bwrap_the_limits_still_hold(tmp_path):
     """The fallback of a machine without bubblewrap (or not root): resource limits only, with a
     warning. Memory bombs, dying kernels and shadowing files are still handled."""
     course = tmp_path / "course"
-    (course / "solutions").mkdir(parents=True)
-    shutil.copytree(ROOT / "solutions" / ASSIGNMENT, course / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    run("generate_assignment", ASSIGNMENT, "--force", cwd=course)
-    kit = Kit(nbformat.read(course / "exercises" / ASSIGNMENT / NOTEBOOK, as_version=4),
-              nbformat.read(course / "solutions" / ASSIGNMENT / NOTEBOOK, as_version=4))
+    kit = released_course(course)
     chosen = [c for c in cases("unused") if c.student in
               ("good_1", "memory_bomb", "os_exit", "extra_files", "patch_builtins")]
     for case in chosen:

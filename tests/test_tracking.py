@@ -15,6 +15,7 @@ from bncore.experiments import (
     layer_input_gradients,
     layer_inputs,
     mlp,
+    steps_to,
 )
 from bncore.grading import ReferenceCalled
 
@@ -232,3 +233,20 @@ def test_gradient_predictiveness_of_a_linear_model():
     assert out["grad_norm"] == pytest.approx(g.norm().item(), rel=1e-5)
     assert out["beta"] == pytest.approx(max(out["grad_change"] / (np.array([0.1, 1.0])
                                                                   * out["grad_norm"])))
+
+
+def test_median_movement_is_the_median_range_over_the_mean_spread():
+    rng = np.random.default_rng(8)
+    snaps = [rng.normal(size=(50, 4)) * (1 + t) + t for t in range(5)]
+    tracker = tracking.ActivationTracker()
+    for step, z in enumerate(snaps):
+        tracker.record(step, [z])
+    q15, q50, q85 = (np.array([np.percentile(z, q, axis=0) for z in snaps]) for q in (15, 50, 85))
+    expected = (q50.max(0) - q50.min(0)) / (q85 - q15).mean(0)
+    np.testing.assert_allclose(tracking.median_movement(tracker, 0), expected)
+
+
+def test_steps_to_reads_the_first_step_at_the_level():
+    history = {"step": [0, 50, 100, 150], "test_acc": [0.1, 0.85, 0.92, 0.9]}
+    assert steps_to(history, 0.9) == 100
+    assert steps_to(history, 0.95) is None
