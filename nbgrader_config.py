@@ -5,13 +5,14 @@
     submitted/, autograded/, feedback/, gradebook.db, grades.csv   grading work (git-ignored)
 
 An instructor's round (book/instructors.md): put submissions in submitted/<student>/<assignment>/,
-then `nbgrader autograde <assignment>`, `nbgrader generate_feedback <assignment>` and
-`nbgrader export` (grades.csv). A student checks a notebook with
-`python -m bncore.grading check <notebook>`.
+then `python -m bngrade.autograde <assignment>` (or `nbgrader autograde <assignment>`),
+`nbgrader generate_feedback <assignment>` and `nbgrader export` (grades.csv). A student checks
+a notebook with `python -m bncore.check <notebook>`.
 
-Autograding runs students' code: it runs in the sandbox of bncore/sandbox.py (limits, bubblewrap
-where available, the checking environment put back before every test), and the feedback hides
-the hidden tests (bncore.grading.HideHiddenTests).
+Autograding runs students' code: their cells run in the sandbox of bngrade/sandbox.py (limits,
+bubblewrap where available, the course's reference modules refused), the test cells run in the
+grader's own process (bngrade/execute.py), and the feedback hides the hidden tests
+(bngrade.feedback.HideHiddenTests).
 """
 
 import os
@@ -31,8 +32,10 @@ from nbgrader.preprocessors import (
     SaveAutoGrades,
 )
 
-from bncore.grading import HideHiddenTests
-from bncore.sandbox import GradingExecute, SanitizeSubmission, StoreGradingReport
+from bngrade.execute import GradingExecute
+from bngrade.feedback import HideHiddenTests
+from bngrade.report import StoreGradingReport
+from bngrade.sanitize import SanitizeSubmission
 
 c = get_config()  # noqa: F821 (provided by traitlets when it loads this file)
 
@@ -57,11 +60,11 @@ c.Autograde.create_student = True
 # Seconds per cell when autograding or validating; a graded notebook runs in seconds in total.
 c.Execute.timeout = 60
 
-# Autograding runs untrusted code. nbgrader's own steps, with three of ours (bncore/sandbox.py):
+# Autograding runs untrusted code. nbgrader's own steps, with three of ours (bngrade/):
 # SanitizeSubmission repairs tampered nbgrader metadata and puts deleted locked cells back;
-# GradingExecute runs the kernel in the sandbox, caps outputs, survives dying and hanging
-# kernels and restores what a submission patched before each test; StoreGradingReport keeps
-# its record in the autograded notebook (bncore.grading.grading_problems reads it).
+# GradingExecute runs the student's cells in the sandbox and the test cells in this process,
+# caps outputs, and survives dying and hanging kernels; StoreGradingReport keeps its record in
+# the autograded notebook (bngrade.report.grading_problems reads it).
 c.Autograde.sanitize_preprocessors = [
     ClearOutput, SanitizeSubmission, DeduplicateIds, OverwriteKernelspec, OverwriteCells,
     CheckCellMetadata,
@@ -80,7 +83,7 @@ c.SandboxedKernelManager.file_size_limit = 64 * 2**20
 # What one cell may print into the autograded notebook (bytes); the rest is dropped.
 c.GradingExecute.max_output_bytes = 2**20
 # Log what looks wrong in each submission (wrong file name, suspicious code) before grading it.
-c.Autograde.pre_convert_hook = "bncore.grading.report_submission_problems"
+c.Autograde.pre_convert_hook = "bngrade.scan.report_submission_problems"
 
 # `nbgrader zip_collect <assignment>` files a learning platform's download into submitted/.
 # This pattern reads Canvas's names, <name>_[LATE_]<user id>_<submission id>_<file>[-<n>].ipynb

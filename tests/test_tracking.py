@@ -17,7 +17,6 @@ from bncore.experiments import (
     mlp,
     steps_to,
 )
-from bncore.grading import ReferenceCalled
 
 
 def torch_twin(net: tracking.SigmoidMLP) -> nn.Sequential:
@@ -130,35 +129,6 @@ def test_track_training_records_what_it_says():
     np.testing.assert_allclose(out["drift"][0],
                                [tracking.drift(a, b).mean() for a, b in zip(z0, twin.z,
                                                                               strict=True)])
-
-
-def test_tracking_forbidden_catches_the_reference_but_not_the_net():
-    z = np.random.default_rng(6).normal(size=(8, 3))
-    net = tracking.SigmoidMLP((3, 4, 2))
-    with tracking.tracking_forbidden("ok"):
-        net.forward(z)
-        tracking.train(net, z, np.arange(8) % 2, 2)
-    with pytest.raises(ReferenceCalled, match="drift"):
-        with tracking.tracking_forbidden("x"):
-            alias = tracking.drift
-            alias(z, z)
-    with pytest.raises(ReferenceCalled, match="__init__"):
-        with tracking.tracking_forbidden("x"):
-            class Mine(tracking.ActivationTracker):
-                pass
-            Mine().record(0, [z])
-
-
-def test_tracking_forbidden_also_forbids_the_numpy_reference():
-    import bncore.numpy as bnn
-
-    x = np.random.default_rng(7).normal(size=(4, 3))
-    with pytest.raises(ReferenceCalled, match="batch_norm_forward"):
-        with tracking.tracking_forbidden("x"):
-            bnn.batch_norm_forward(x, np.ones(3), np.zeros(3))
-    with pytest.raises(ReferenceCalled, match="percentiles"):
-        with tracking.tracking_forbidden("x"):
-            tracking.percentiles(x)
 
 
 def sigmoid_net(bn):

@@ -1,0 +1,47 @@
+"""The grader's record of how a notebook ran: written into the autograded notebook
+(``metadata.bncore.grading``) by :class:`StoreGradingReport`, read by :func:`grading_problems`.
+
+:class:`bngrade.execute.GradingExecute` records the cells that timed out, a kernel that died
+and the cells it left unrun, output cut off, the cells skipped while grading (``skip-when-
+checked``), and the test cells whose visible checks failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nbgrader.preprocessors import NbGraderPreprocessor
+
+
+class StoreGradingReport(NbGraderPreprocessor):
+    """Writes what GradingExecute recorded into the autograded notebook's metadata; runs after
+    nbconvert's ClearMetadataPreprocessor."""
+
+    def preprocess(self, nb, resources):
+        report = resources.get("bncore", {}).get("grading")
+        if report is not None:
+            nb.metadata.setdefault("bncore", {})["grading"] = report
+        return nb, resources
+
+
+def _record(path) -> dict:
+    import nbformat
+
+    return nbformat.read(Path(path), as_version=4).metadata.get("bncore", {}).get("grading", {})
+
+
+def timed_out(autograded_notebook_path) -> bool:
+    """Whether a cell of an autograded notebook ran past the per-cell time limit."""
+    return bool(_record(autograded_notebook_path).get("timed_out"))
+
+
+def grading_problems(autograded_notebook_path) -> list[str]:
+    """What went wrong while an autograded notebook ran (empty when nothing did): cells that
+    timed out, a kernel that died and the cells it left unrun, output cut off."""
+    report = _record(autograded_notebook_path)
+    problems = [f"timed out: {cell}" for cell in report.get("timed_out", [])]
+    if report.get("kernel_died"):
+        problems.append(f"the kernel died in {report['kernel_died']}")
+    problems += [f"not run: {cell}" for cell in report.get("not_run", [])]
+    problems += [f"output truncated: {cell}" for cell in report.get("output_truncated", [])]
+    return list(dict.fromkeys(problems))
