@@ -36,7 +36,10 @@ import math
 import sys
 import traceback
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # reported by the cells that need it; the channel still works
+    np = None
 
 PLAIN_KINDS = "biufc"  # the dtype kinds that may cross: bool, int, uint, float, complex
 MAX_DEPTH = 32
@@ -55,6 +58,8 @@ def encode_array(array):
 
 def decode_array(text, max_bytes=1 << 28):
     """The ndarray of :func:`encode_array`; ValueError for anything but a plain-dtype array."""
+    if np is None:
+        raise ModuleNotFoundError("NumPy cannot be imported in this Python", name="numpy")
     raw = base64.b64decode(text.encode("ascii"), validate=True)
     if len(raw) > max_bytes:
         raise ValueError(f"an array of {len(raw)} bytes is larger than the channel allows")
@@ -70,13 +75,13 @@ def encode_float(value):
 
 
 def is_plain_array(value):
-    return type(value) is np.ndarray and value.dtype.kind in PLAIN_KINDS \
+    return np is not None and type(value) is np.ndarray and value.dtype.kind in PLAIN_KINDS \
         and value.dtype.fields is None
 
 
 def is_numpy_scalar(value):
-    return isinstance(value, np.generic) and type(value).__module__ == "numpy" \
-        and np.dtype(type(value)).kind in PLAIN_KINDS
+    return np is not None and isinstance(value, np.generic) \
+        and type(value).__module__ == "numpy" and np.dtype(type(value)).kind in PLAIN_KINDS
 
 
 _MISSING = object()
@@ -121,7 +126,7 @@ class NotebookServer:
             return encode_float(value)
         if kind is complex:
             return {"complex": [encode_float(value.real), encode_float(value.imag)]}
-        if kind is np.ndarray and id(value) in self.linked_ids \
+        if np is not None and kind is np.ndarray and id(value) in self.linked_ids \
                 and self.linked[self.linked_ids[id(value)]][0] is value:
             return {"linked": self.linked_ids[id(value)]}
         if is_plain_array(value):

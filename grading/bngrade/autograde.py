@@ -9,10 +9,10 @@ restored from the gradebook, its grades written to the gradebook.
 
 Run it from the course root, where ``nbgrader_config.py`` is::
 
-    python -m bncore.autograde ch3-forward-backward           # every submission, all cores
-    python -m bncore.autograde --all                           # every assignment
-    python -m bncore.autograde ch3-forward-backward --student alice --student bob --jobs 2
-    python -m bncore.autograde ch3-forward-backward --force    # regrade what is already graded
+    python -m bngrade.autograde ch3-forward-backward           # every submission, all cores
+    python -m bngrade.autograde --all                           # every assignment
+    python -m bngrade.autograde ch3-forward-backward --student alice --student bob --jobs 2
+    python -m bngrade.autograde ch3-forward-backward --force    # regrade what is already graded
 
 The standard ``nbgrader autograde``, ``generate_feedback`` and ``export`` work alongside: the
 runner writes nothing that nbgrader does not write itself, except its ledger in
@@ -40,13 +40,18 @@ How it stays correct
   ``--force`` is given; a submission whose grading never finished (its last entry is "started")
   is graded again. So after a crash, running the same command again grades what is missing.
 - **A submission that breaks the grader is reported and the run goes on.** Every outcome is one
-  of: ``graded``; ``suspicious`` (graded, but ``bncore.grading.scan_submission`` found something
-  to look at, or the grader had to undo tampering during the run); ``timed out`` (graded,
+  of: ``graded``; ``suspicious`` (graded, but ``bngrade.scan.scan_submission`` found something
+  to look at); ``timed out`` (graded,
   but a cell ran past ``Execute.timeout`` and was stopped);
   ``failed`` (nbgrader could not grade it: the reason is in the notes, the details in the
-  worker's log). The notes also carry what ``bncore.grading.grading_problems`` read from the
+  worker's log). The notes also carry what ``bngrade.report.grading_problems`` read from the
   grader's record (a kernel that died, output cut off...). The exit status is 0 when every
   submission was graded (whatever the scores), 1 when any failed.
+
+Before the first student, the canary grades the model solution of each assignment with the same
+set-up (``bngrade.canary``) and stops the run if it loses points; after the last, the
+similarity report (``bngrade.similarity``) lists answers that match bncore, the solution or
+each other.
 
 Isolation comes first: every notebook still gets a fresh kernel (nbgrader's default), never a
 kernel that ran another student's code. What the runner saves is nbgrader's start-up per
@@ -71,6 +76,9 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bngrade.report import grading_problems, timed_out
+from bngrade.scan import scan_submission
+
 #: Seconds a worker's database connection waits for another worker's write to finish.
 BUSY_TIMEOUT = 120
 #: The folder, under the course root, that holds the ledger and the workers' logs.
@@ -79,7 +87,7 @@ STATE_DIR = Path(".grading") / "autograde"
 KILL_ENV = "BNCORE_AUTOGRADE_KILL"
 
 GRADED, SUSPICIOUS, TIMED_OUT, FAILED = "graded", "suspicious", "timed out", "failed"
-# Grading problems (bncore.grading.grading_problems) that mean the submission fought the grader.
+# Grading problems (bngrade.report.grading_problems) that mean the submission fought the grader.
 _TAMPERING = ("tampering", "could not check the environment", "result value in the test")
 STATUSES = (GRADED, SUSPICIOUS, TIMED_OUT, FAILED)
 
@@ -177,46 +185,24 @@ def _error_note(records) -> str:
     return errors[0].strip().splitlines()[0][:300] if errors else "nbgrader failed"
 
 
-def _timed_out(path: str) -> bool:
-    """Whether a cell of this autograded notebook was stopped for running too long."""
-    from bncore import grading
-
-    check = getattr(grading, "timed_out", None)
-    if check is not None:
-        return bool(check(path))
-    import nbformat  # fallback: nbgrader's Execute records a timeout as a CellTimeoutError
-
-    nb = nbformat.read(path, as_version=4)
-    return any(out.get("output_type") == "error" and out.get("ename") == "CellTimeoutError"
-               for cell in nb.cells for out in cell.get("outputs", []))
-
-
 def _problems(paths) -> list[str]:
     """What went wrong while the autograded notebooks ran (a kernel that died, output cut
-    off...), as ``bncore.grading.grading_problems`` reads it from the grader's record."""
-    from bncore import grading
-
-    problems = getattr(grading, "grading_problems", None)
+    off...), as ``bngrade.report.grading_problems`` reads it from the grader's record."""
     found = []
-    for path in paths if problems else []:
+    for path in paths:
         try:
-            found += [str(p) for p in problems(path)]
-        except Exception as error:
+            found += [str(p) for p in grading_problems(path)]
+        except Exception as error:  # noqa: BLE001 -- reported, never fatal
             found.append(f"could not read the grading record: {type(error).__name__}: {error}")
     return list(dict.fromkeys(found))
 
 
 def _scan(paths) -> list[str]:
-    from bncore import grading
-
-    scan = getattr(grading, "scan_submission", None)
-    if scan is None:
-        return []
     reasons = []
     for path in paths:
         try:
-            reasons += [str(r) for r in scan(path)]
-        except Exception as error:  # a scan that breaks must not stop the grading
+            reasons += [str(r) for r in scan_submission(path)]
+        except Exception as error:  # noqa: BLE001 -- a scan that breaks must not stop grading
             reasons.append(f"the submission scan failed: {type(error).__name__}: {error}")
     return reasons
 
@@ -292,11 +278,11 @@ class Grader:
                       for nb in notebooks]
             graded = [path for path in graded if os.path.exists(path)]
             result.notes += _problems(graded)
-            if any(_timed_out(path) for path in graded):
+            if any(timed_out(path) for path in graded):
                 result.status = TIMED_OUT
                 if not any("timed out" in note for note in result.notes):
                     result.notes.append("a cell ran past the time limit and was stopped")
-            elif reasons or any(note.startswith(_TAMPERING) for note in result.notes):
+            elif reasons:
                 result.status = SUSPICIOUS
             else:
                 result.status = GRADED
@@ -453,10 +439,12 @@ def _describe_death(process) -> str:
     return f"exited with status {code}"
 
 
-def run(assignments, students=None, jobs=None, force=False, timeout=1800.0,
+def run(assignments, students=None, jobs=None, force=False, timeout=1800.0, canary=True,
         out=sys.stdout) -> list[Result]:
     """Grade the submissions of ``assignments`` (of ``students``, or of everyone) on ``jobs``
-    workers; print progress and a summary to ``out``; return the results of this run."""
+    workers; print progress and a summary to ``out``; return the results of this run. With
+    ``canary``, the model solution of each assignment is graded first, and nothing is graded
+    when it loses points (SystemExit with the reason)."""
 
     def say(text=""):
         print(text, file=out, flush=True)
@@ -480,48 +468,92 @@ def run(assignments, students=None, jobs=None, force=False, timeout=1800.0,
     state = root / STATE_DIR
     (state / "logs").mkdir(parents=True, exist_ok=True)
     ledger = Ledger(state / "ledger.jsonl")
-    in_gradebook = _graded_in_gradebook(coursedir, assignments)
+    plan = _plan(coursedir, found, ledger, force)
+    if not plan.total:
+        say(f"Nothing to grade: {plan.already}.")
+        return []
+    if canary:
+        from bngrade.canary import check
 
-    digests, todo, empty, skipped = {}, {}, [], 0
+        if not check(sorted({a for _, a in plan.keys()}), root, out=out):
+            raise SystemExit("error: the model solution does not get full marks with this "
+                             "set-up (see above), so students would be marked down; fix the "
+                             "set-up and run again (--no-canary skips this check)")
+    jobs = max(1, min(jobs or default_jobs(), len(plan.todo) or 1))
+    say(f"Grading {plan.total} submission(s) of {plan.students} student(s) "
+        f"({', '.join(assignments)}) on {jobs if plan.todo else 0} worker(s)"
+        + (f"; {plan.already}" if plan.skipped else "") + ".")
+    start = time.perf_counter()
+    try:
+        results = _grade(plan, coursedir, jobs, timeout, state, ledger, say)
+    finally:
+        ledger.file.close()
+    summary(results, time.perf_counter() - start, out=out)
+    _similarity(assignments, root, results, out)
+    return results
+
+
+@dataclass
+class _Plan:
+    """What a run grades: per student, its (assignment, notebooks); and the empty folders."""
+
+    todo: dict[str, list] = field(default_factory=dict)
+    empty: list[tuple[str, str]] = field(default_factory=list)
+    digests: dict[tuple[str, str], str] = field(default_factory=dict)
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(len(units) for units in self.todo.values()) + len(self.empty)
+
+    @property
+    def students(self) -> int:
+        return len(set(self.todo) | {s for s, _ in self.empty})
+
+    @property
+    def already(self) -> str:
+        return f"{self.skipped} submission(s) already graded (--force regrades them)"
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [(s, a) for s, units in self.todo.items() for a, _ in units] + self.empty
+
+
+def _plan(coursedir, found, ledger, force) -> _Plan:
+    in_gradebook = _graded_in_gradebook(coursedir, sorted({a for _, a in found}))
+    plan = _Plan()
     for (student, assignment), notebooks in found.items():
         key = (student, assignment)
-        digests[key] = digest(coursedir.format_path(coursedir.submitted_directory, student,
-                                                    assignment))
+        plan.digests[key] = digest(coursedir.format_path(coursedir.submitted_directory,
+                                                         student, assignment))
         autograded = coursedir.format_path(coursedir.autograded_directory, student, assignment)
         fresh = all(os.path.exists(os.path.join(autograded, Path(nb).name)) for nb in notebooks)
         if not force and notebooks and fresh and key in in_gradebook and \
-                ledger.done(key, digests[key]):
-            skipped += 1
+                ledger.done(key, plan.digests[key]):
+            plan.skipped += 1
         elif notebooks:
-            todo.setdefault(student, []).append((assignment, notebooks))
+            plan.todo.setdefault(student, []).append((assignment, notebooks))
         else:
-            empty.append(key)  # nothing for nbgrader to grade
-    total = sum(len(units) for units in todo.values()) + len(empty)
-    already = f"{skipped} submission(s) already graded (--force regrades them)"
-    if not total:
-        say(f"Nothing to grade: {already}.")
-        return []
-    jobs = max(1, min(jobs or default_jobs(), len(todo) or 1))
-    say(f"Grading {total} submission(s) of {len(todo | dict.fromkeys(s for s, _ in empty))} "
-        f"student(s) ({', '.join(assignments)}) on {jobs if todo else 0} worker(s)"
-        + (f"; {already}" if skipped else "") + ".")
+            plan.empty.append(key)  # nothing for nbgrader to grade
+    return plan
 
+
+def _grade(plan: _Plan, coursedir, jobs, timeout, state, ledger, say) -> list[Result]:
+    """Deal the plan's students out to ``jobs`` workers and collect their results."""
     results: list[Result] = []
     pool = Pool(jobs, state / "logs")
-    width = len(str(total))
-    sw = max(len(s) for s, _ in found)
-    aw = max(map(len, assignments))
-    start = time.perf_counter()
+    width = len(str(plan.total))
+    sw = max(len(s) for s, _ in plan.keys())
+    aw = max(len(a) for _, a in plan.keys())
     startup_failures = 0
 
     def record(result: Result) -> None:
-        result.digest = digests[(result.student, result.assignment)]
+        result.digest = plan.digests[(result.student, result.assignment)]
         results.append(result)
         ledger.write({**asdict(result), "time": time.time()})
         score = ("-" if result.score is None
                  else f"{result.score:g}/{result.max_score:g}")
         note = f"  {result.notes[0]}" if result.notes and result.status != GRADED else ""
-        say(f"[student {len(results):>{width}} of {total}] {result.student:<{sw}}  "
+        say(f"[student {len(results):>{width}} of {plan.total}] {result.student:<{sw}}  "
             f"{result.assignment:<{aw}}  {score:>9}  {result.status:<10} "
             f"{result.seconds:5.1f} s{note}")
 
@@ -556,13 +588,13 @@ def run(assignments, students=None, jobs=None, force=False, timeout=1800.0,
             if rest:
                 queue.appendleft((unit[0], rest))
 
-    for student, assignment in empty:
+    for student, assignment in plan.empty:
         folder = coursedir.format_path(coursedir.submitted_directory, student, assignment)
         files = sorted(p.name for p in Path(folder).iterdir())
         record(Result(student, assignment, FAILED, notes=[
             f"no notebook (.ipynb) in {folder}: "
             + (", ".join(files[:5]) if files else "the folder is empty")]))
-    queue = deque(sorted(todo.items()))
+    queue = deque(sorted(plan.todo.items()))
     try:
         for _ in range(jobs if queue else 0):
             pool.spawn()
@@ -627,11 +659,20 @@ def run(assignments, students=None, jobs=None, force=False, timeout=1800.0,
         raise
     finally:
         pool.close()
-        ledger.file.close()
-
-    elapsed = time.perf_counter() - start
-    summary(results, elapsed, out=out)
     return results
+
+
+def _similarity(assignments, root: Path, results: list[Result], out) -> None:
+    """The similarity report of every assignment graded in this run (bngrade.similarity)."""
+    from bngrade.similarity import report
+
+    for assignment in sorted({r.assignment for r in results if r.graded}):
+        print(f"\nSimilar answers in {assignment} (bncore, the solution, other students):",
+              file=out)
+        try:
+            report(assignment, root, out=out)
+        except Exception as error:  # noqa: BLE001 -- the grades stand without the report
+            print(f"  the similarity report failed: {type(error).__name__}: {error}", file=out)
 
 
 def summary(results: list[Result], elapsed: float, out=sys.stdout) -> None:
@@ -665,7 +706,7 @@ def summary(results: list[Result], elapsed: float, out=sys.stdout) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bncore.autograde",
+        prog="python -m bngrade.autograde",
         description="Autograde a class with nbgrader, in parallel (one worker per core).",
         epilog="Run from the course root (where nbgrader_config.py is).")
     parser.add_argument("assignments", nargs="*", metavar="ASSIGNMENT")
@@ -677,6 +718,8 @@ def main(argv=None) -> int:
                         help=f"worker processes (default: the number of cores, {default_jobs()})")
     parser.add_argument("--force", action="store_true",
                         help="regrade submissions that an earlier run graded")
+    parser.add_argument("--no-canary", action="store_true",
+                        help="do not grade the model solution first")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds after which a submission's worker is stopped "
                              "(default 1800; nbgrader's Execute.timeout limits each cell)")
@@ -687,7 +730,7 @@ def main(argv=None) -> int:
         parser.error("--jobs must be at least 1")
     try:
         results = run(args.assignments, students=args.student, jobs=args.jobs,
-                      force=args.force, timeout=args.timeout)
+                      force=args.force, timeout=args.timeout, canary=not args.no_canary)
     except KeyboardInterrupt:
         return 130
     return 1 if any(not r.graded for r in results) else 0
