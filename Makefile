@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 exercises: $(STAMP)
-	$(BIN)/python -m bncore.grading release
+	$(BIN)/python -m bngrade release
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

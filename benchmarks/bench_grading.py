@@ -1,4 +1,4 @@
-"""Autograde throughput: plain ``nbgrader autograde`` against ``python -m bncore.autograde``.
+"""Autograde throughput: plain ``nbgrader autograde`` against ``python -m bngrade.autograde``.
 
     .venv/bin/python benchmarks/bench_grading.py                  # 100 students x 5 assignments
     .venv/bin/python benchmarks/bench_grading.py --students 20    # a smaller class
@@ -6,16 +6,16 @@
 
 A synthetic class is built in a temporary course (a copy of solutions/ and nbgrader_config.py,
 released with ``nbgrader generate_assignment``): every student hands in all five assignments,
-each submission one of three kinds, in turn, as tests/test_grading.py builds them: ``full``
+each submission one of three kinds, in turn, as bngrade.submissions builds them: ``full``
 (every answer from the solution), ``partial`` (the first code answer only) and ``untouched``
 (the release as is). Then, measured in this one run:
 
 - ``nbgrader autograde``: the plain command, one assignment after another, on the first
   ``--baseline`` students (default 4, so 20 notebooks); its time per notebook is extrapolated
   to the class (its start-up, measured separately, is paid once per assignment);
-- ``bncore.autograde -j 1``: the runner with one worker on the same students (what a long-lived
+- ``bngrade.autograde -j 1``: the runner with one worker on the same students (what a long-lived
   worker saves, without parallelism);
-- ``bncore.autograde -j N``: the runner on the whole class (``--jobs``, default 2: the target is
+- ``bngrade.autograde -j N``: the runner on the whole class (``--jobs``, default 2: the target is
   stated for two cores).
 
 Both graders must give the same grades to the students they both graded (checked). Printed:
@@ -46,11 +46,12 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_grading import nbgrader_meta, submission_kinds  # noqa: E402
+from bncore.runner import nbgrader_meta
+from bngrade.course import assignments as course_assignments
+from bngrade.course import nbgrader_command
+from bngrade.submissions import submission_kinds
 
-from bncore import grading  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PYTHON = sys.executable
 KINDS = ("full", "partial", "untouched")
@@ -62,7 +63,7 @@ def make_course(course: Path, students: int, assignments: list[str]) -> dict:
     course.mkdir(parents=True)
     shutil.copytree(ROOT / "solutions", course / "solutions")
     shutil.copy(ROOT / "nbgrader_config.py", course)
-    subprocess.run([*grading.nbgrader_command(), "generate_assignment", "*", "--force",
+    subprocess.run([*nbgrader_command(), "generate_assignment", "*", "--force",
                     "--log-level=ERROR"], cwd=course, check=True, capture_output=True)
     kinds = {}
     for j, assignment in enumerate(assignments):
@@ -143,7 +144,7 @@ def throughput(args, assignments) -> None:
 
         rows = []
         # nbgrader's start-up, paid once per `nbgrader autograde` command.
-        start_wall = min(timed([*grading.nbgrader_command(), "autograde", assignments[0],
+        start_wall = min(timed([*nbgrader_command(), "autograde", assignments[0],
                                 "--student", "nobody", "--log-level=ERROR"], base)[0]
                          for _ in range(2))
 
@@ -151,7 +152,7 @@ def throughput(args, assignments) -> None:
               flush=True)
         wall, busy = 0.0, []
         for assignment in assignments:
-            w, b, done = timed([*grading.nbgrader_command(), "autograde", assignment,
+            w, b, done = timed([*nbgrader_command(), "autograde", assignment,
                                 "--log-level=ERROR"], base)
             if done.returncode:
                 sys.exit(f"nbgrader autograde {assignment} failed:\n{done.stderr[-3000:]}")
@@ -163,24 +164,25 @@ def throughput(args, assignments) -> None:
         rows.append(("nbgrader autograde (sequential)", nb_base, wall, wall / nb_base,
                      seq_wall, statistics.mean(busy)))
 
-        print(f"bncore.autograde -j 1, the same {nb_base} notebooks ...", flush=True)
-        w1, b1, done = timed([PYTHON, "-m", "bncore.autograde", "--all", "--jobs", "1"], single)
+        print(f"bngrade.autograde -j 1, the same {nb_base} notebooks ...", flush=True)
+        w1, b1, done = timed([PYTHON, "-m", "bngrade.autograde", "--all", "--jobs", "1",
+                              "--no-canary"], single)
         if done.returncode:
             sys.exit(f"the runner failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         # Its start-up (the parent, a worker loading nbgrader) is what the worker's own
         # per-submission times do not cover; spread over the class as for nbgrader.
         inside = sum(per_submission(single).values(), [])
         fixed = max(w1 - sum(inside), 0.0)
-        rows.append(("bncore.autograde -j 1", nb_base, w1, w1 / nb_base,
+        rows.append(("bngrade.autograde -j 1", nb_base, w1, w1 / nb_base,
                      (w1 - fixed) / nb_base + fixed / nb_class, b1))
 
-        print(f"bncore.autograde -j {args.jobs}, the whole class: {nb_class} notebooks ...",
+        print(f"bngrade.autograde -j {args.jobs}, the whole class: {nb_class} notebooks ...",
               flush=True)
-        wj, bj, done = timed([PYTHON, "-m", "bncore.autograde", "--all", "--jobs",
-                              str(args.jobs)], work / "class")
+        wj, bj, done = timed([PYTHON, "-m", "bngrade.autograde", "--all", "--jobs",
+                              str(args.jobs), "--no-canary"], work / "class")
         if done.returncode:
             sys.exit(f"the runner failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        rows.append((f"bncore.autograde -j {args.jobs}", nb_class, wj, wj / nb_class,
+        rows.append((f"bngrade.autograde -j {args.jobs}", nb_class, wj, wj / nb_class,
                      wj / nb_class, bj))
         print("  " + "\n  ".join(done.stdout.strip().splitlines()[-4:]))
 
@@ -203,7 +205,7 @@ def throughput(args, assignments) -> None:
               "machine, everybody's work)")
         per_nb = rows[-1][4]
         projected = per_nb * TARGET_NOTEBOOKS
-        print(f"\n{TARGET_NOTEBOOKS} notebooks with bncore.autograde -j {args.jobs}: "
+        print(f"\n{TARGET_NOTEBOOKS} notebooks with bngrade.autograde -j {args.jobs}: "
               f"{projected / 60:.1f} min at the measured rate. Target: under "
               f"{TARGET_SECONDS // 60} min on two cores: "
               f"{'met' if projected < TARGET_SECONDS else 'missed'}.")
@@ -222,11 +224,9 @@ def throughput(args, assignments) -> None:
 
 def kernel_manager(config):
     """The kernel manager the course's grader uses (the sandboxed one where it exists)."""
-    try:
-        from bncore.sandbox import SandboxedKernelManager as Manager
-    except ImportError:
-        from jupyter_client.manager import AsyncKernelManager as Manager
-    return Manager(kernel_name="python3", config=config)
+    from bngrade.sandbox import SandboxedKernelManager
+
+    return SandboxedKernelManager(kernel_name="python3", config=config)
 
 
 def profile(args, assignments) -> None:
@@ -234,7 +234,7 @@ def profile(args, assignments) -> None:
     from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
 
-    from bncore.autograde import Grader
+    from bngrade.autograde import Grader
 
     work = Path(tempfile.mkdtemp(prefix="bench-grading-"))
     try:
@@ -261,7 +261,7 @@ def profile(args, assignments) -> None:
                 executes.append(max(v[3] for k, v in pstats.Stats(prof).stats.items()
                                     if k[2] == "preprocess" and k[0].endswith(
                                         ("nbconvert/preprocessors/execute.py",
-                                         "bncore/sandbox.py"))))
+                                         "bngrade/execute.py"))))
                 # The kernel and the cells alone, outside nbgrader (which sets this while it
                 # grades, and removes it after).
                 os.environ["NBGRADER_EXECUTION"] = "autograde"
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per notebook (--profile)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary course")
     args = parser.parse_args()
-    assignments = grading.assignments(ROOT)
+    assignments = course_assignments(ROOT)
     if args.profile:
         profile(args, assignments)
     else:

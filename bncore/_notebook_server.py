@@ -133,6 +133,8 @@ class NotebookServer:
             return {"nd": encode_array(value)}
         if is_numpy_scalar(value):
             return {"nd": encode_array(np.asarray(value)), "scalar": True}
+        if kind is range:
+            return {"range": [value.start, value.stop, value.step]}
         if depth < MAX_DEPTH:
             if kind is tuple or kind is list:
                 return {kind.__name__: [self.encode(v, depth + 1) for v in value]}
@@ -229,12 +231,6 @@ class NotebookServer:
         if op == "setitem":
             target[self.decode(request["key"])] = self.decode(request["value"])
             return None
-        if op == "len":
-            return len(target)
-        if op == "list":
-            return list(target)
-        if op == "bool":
-            return bool(target)
         if op == "repr":
             return repr(target)[:300]
         if op == "isinstance":

@@ -70,11 +70,14 @@ class NotebookError(Exception):
 
     notebook_traceback = ""
     raised_in = ""  # the notebook's function or class the test called, when known
+    lookup = False  # raised while looking a name up, not by the notebook's code
 
     def explain(self) -> str:
         """The message for a failed test: the error, and where in the notebook it came from."""
         message = str(self)
         name = type(self).__name__
+        if self.lookup:
+            return message
         where = f"your {self.raised_in}" if self.raised_in else "the notebook's code"
         if name == "NotImplementedError" and not message:
             return f"{self.raised_in or 'a function'} is not written yet (it raises " \
@@ -105,7 +108,9 @@ def _dunder(name: str) -> bool:
 
 
 class Remote:
-    """An object that lives in the notebook's kernel (see the module's docstring)."""
+    """An object that lives in the notebook's kernel (see the module's docstring): its
+    attributes can be read and set, it can be called and indexed, and passed back. It is never
+    asked for special attributes (``__array__``, ``__eq__``...): NumPy sees an opaque object."""
 
     __slots__ = ("_channel", "_key", "_type", "_callable", "_name")
 
@@ -141,15 +146,6 @@ class Remote:
 
     def __setitem__(self, key, value):
         self._ask("setitem", key=self._channel.encode(key), value=self._channel.encode(value))
-
-    def __len__(self):
-        return self._ask("len")
-
-    def __iter__(self):
-        return iter(self._ask("list"))
-
-    def __bool__(self):
-        return self._ask("bool")
 
     def __repr__(self):
         return f"<{self._type} object in the notebook>"
@@ -208,14 +204,17 @@ class NotebookChannel:
     def _reset(self):
         self.outputs: list[dict] = []        # what the notebook printed during the session
         self._output_bytes = 0
-        self._linked: dict[int, list] = {}   # key -> [array, copy as last synced]
-        self._linked_ids: dict[int, int] = {}
-        self._callbacks: dict[int, object] = {}
+        self.codec = Codec(self)
         self._callback_errors: list[BaseException] = []
         self._names: dict[str, Remote] = {}
-        self._remotes: dict[int, Remote] = {}  # one handle per object: `s.fit(X) is s` holds
         self._msg_id = None
         self._budget = math.inf  # seconds the notebook's code may still run in this session
+
+    def encode(self, value):
+        return self.codec.encode(value)
+
+    def decode(self, value):
+        return self.codec.decode(value)
 
     def close(self):
         with contextlib.suppress(Exception):
@@ -289,7 +288,11 @@ class NotebookChannel:
     def get(self, name: str):
         if name in self._names:
             return self._names[name]
-        value = self.request("get", name=name)
+        try:
+            value = self.request("get", name=name)
+        except NotebookError as error:
+            error.lookup = True
+            raise
         if isinstance(value, Remote) and value._callable:
             self._names[name] = value  # a function or class: fetched once per test cell
         return value
@@ -319,13 +322,13 @@ class NotebookChannel:
         return self.decode(reply["ok"])
 
     def _exchange(self, message: dict) -> dict:
-        message["sync"] = self._sync_out()
+        message["sync"] = self.codec.sync_out()
         self.kc.input(json.dumps(message))
         return self._receive()
 
     def _run_callback(self, reply: dict) -> dict:
         try:
-            function = self._callbacks[int(reply["key"])]
+            function = self.codec.callbacks[int(reply["key"])]
             args = [self.decode(a) for a in reply.get("args", [])]
             kwargs = {str(k): self.decode(v) for k, v in reply.get("kwargs", {}).items()}
             return {"kind": "callback-result", "ok": self.encode(function(*args, **kwargs))}
@@ -387,7 +390,7 @@ class NotebookChannel:
                 except ValueError as error:
                     raise ChannelError(f"the notebook's kernel sent a malformed message "
                                        f"({error})") from None
-                self._sync_in(message.get("sync"))
+                self.codec.sync_in(message.get("sync"))
                 return message
 
     def _drain_iopub(self, msg_id) -> None:
@@ -424,29 +427,37 @@ class NotebookChannel:
         else:
             _call(self.km.interrupt_kernel)
 
-    # -- linked arrays --
+class Codec:
+    """The checker's side of the codec (the kernel's is in ``bncore._notebook_server``): what a
+    test passes in, encoded; what the kernel sends back, decoded and checked. ``owner`` is the
+    channel the :class:`Remote` handles it makes belong to."""
 
-    def _sync_out(self) -> dict:
+    def __init__(self, owner):
+        self.owner = owner
+        self.linked: dict[int, list] = {}   # key -> [array, copy as last synced]
+        self.linked_ids: dict[int, int] = {}
+        self.callbacks: dict[int, object] = {}
+        self.remotes: dict[int, Remote] = {}  # one handle per object: `s.fit(X) is s` holds
+
+    def sync_out(self) -> dict:
         changed = {}
-        for key, (array, copy) in self._linked.items():
+        for key, (array, copy) in self.linked.items():
             if array.shape != copy.shape or not np.array_equal(array, copy, equal_nan=True):
                 changed[str(key)] = server.encode_array(array)
-                self._linked[key][1] = array.copy()
+                self.linked[key][1] = array.copy()
         return changed
 
-    def _sync_in(self, changed) -> None:
+    def sync_in(self, changed) -> None:
         if not isinstance(changed, dict):
             return
         for key, text in changed.items():
-            entry = self._linked.get(int(key))
+            entry = self.linked.get(int(key))
             if entry is None:
                 continue
             new = server.decode_array(text)
             if new.shape == entry[0].shape:
                 np.copyto(entry[0], new, casting="unsafe")
             entry[1] = entry[0].copy()
-
-    # -- the codec, checker side --
 
     def encode(self, value, depth: int = 0):
         """A value of the test's as the kernel will decode it."""
@@ -460,18 +471,18 @@ class NotebookChannel:
                                 server.encode_float(value.imag)]}
         if isinstance(value, np.ndarray) and server.is_plain_array(np.asarray(value)):
             if type(value) is np.ndarray:
-                key = self._linked_ids.get(id(value))
-                if key is not None and self._linked[key][0] is value:
+                key = self.linked_ids.get(id(value))
+                if key is not None and self.linked[key][0] is value:
                     return {"linked": key}
-                key = len(self._linked) + 1
-                self._linked[key] = [value, value.copy()]
-                self._linked_ids[id(value)] = key
+                key = len(self.linked) + 1
+                self.linked[key] = [value, value.copy()]
+                self.linked_ids[id(value)] = key
                 return {"nd": server.encode_array(value), "link": key}
             return {"nd": server.encode_array(np.asarray(value))}
         if server.is_numpy_scalar(value):
             return {"nd": server.encode_array(np.asarray(value)), "scalar": True}
         if isinstance(value, Remote):
-            if value._channel is not self:
+            if value._channel is not self.owner:
                 raise TypeError("that object belongs to another notebook")
             return {"remote": value._key}
         if depth < server.MAX_DEPTH:
@@ -483,8 +494,8 @@ class NotebookChannel:
             if kind is range:
                 return {"range": [value.start, value.stop, value.step]}
         if callable(value):
-            key = len(self._callbacks) + 1
-            self._callbacks[key] = value
+            key = len(self.callbacks) + 1
+            self.callbacks[key] = value
             return {"callback": key}
         raise TypeError(f"a {kind.__name__} cannot be passed to the notebook: pass plain data "
                         "(numbers, strings, arrays, lists, dicts) or objects from the notebook")
@@ -516,11 +527,13 @@ class NotebookChannel:
                 array = server.decode_array(value["nd"])
                 return array[()] if value.get("scalar") is True else array
             if "linked" in value:
-                return self._linked[int(value["linked"])][0]
+                return self.linked[int(value["linked"])][0]
             if "tuple" in value:
                 return tuple(self.decode(v, depth + 1) for v in _items(value["tuple"]))
             if "list" in value:
                 return [self.decode(v, depth + 1) for v in _items(value["list"])]
+            if "range" in value:
+                return range(*(int(v) for v in _items(value["range"])))
             if "dict" in value:
                 result = {}
                 for pair in _items(value["dict"]):
@@ -532,11 +545,11 @@ class NotebookChannel:
                 return result
             if "remote" in value:
                 key = int(value["remote"])
-                if key not in self._remotes:
-                    self._remotes[key] = Remote(
-                        self, key, str(value.get("type", "object"))[:100],
+                if key not in self.remotes:
+                    self.remotes[key] = Remote(
+                        self.owner, key, str(value.get("type", "object"))[:100],
                         value.get("callable") is True, str(value.get("name", ""))[:100])
-                return self._remotes[key]
+                return self.remotes[key]
         except ChannelError:
             raise
         except (ValueError, TypeError, KeyError, OverflowError) as error:

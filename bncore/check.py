@@ -134,6 +134,101 @@ def _cells_run(path: Path, ran: set) -> int:
 # --- running the check --------------------------------------------------------------------------
 
 
+def as_graded(notebook) -> list[str]:
+    """Put the notebook's locked cells (tests, set-up, instructions) back as released, in
+    place, as grading does (bngrade.sanitize and nbgrader's OverwriteCells): edited ones get
+    their released source, deleted ones return after the locked cell before them, unknown or
+    duplicated nbgrader ids become the student's own cells. Needs the notebook's assignment in
+    its metadata; returns what it put back."""
+    import copy
+
+    assignment = notebook.metadata.get("bncore", {}).get("assignment")
+    try:
+        release = released_tests(assignment) if assignment else {}
+    except (ValueError, OSError):
+        release = {}
+    released, order = release.get("locked", []), release.get("order", [])
+    if not released:
+        return []
+    by_id = {cell["grade_id"]: cell for cell in released}
+    last = {}
+    for index, cell in enumerate(notebook.cells):
+        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        if grade_id:
+            last[grade_id] = index
+    changed = []
+    for index, cell in enumerate(notebook.cells):
+        meta = cell.get("metadata", {}).get("nbgrader")
+        if not isinstance(meta, dict) or "grade_id" not in meta:
+            continue
+        grade_id = meta["grade_id"]
+        if grade_id in by_id and last[grade_id] == index:
+            original = by_id[grade_id]
+            if cell.source != original["source"] or cell.cell_type != original["cell_type"]:
+                changed.append(grade_id)
+            if cell.cell_type != original["cell_type"]:  # a retyped cell: made anew
+                metadata = copy.deepcopy(cell.metadata)
+                notebook.cells[index] = cell = _new_cell(original)
+                cell.metadata.update(metadata)
+            cell.source = original["source"]
+            cell.metadata["nbgrader"] = dict(original["nbgrader"])
+            if original["tags"]:
+                cell.metadata["tags"] = list(original["tags"])
+        elif grade_id not in order or last[grade_id] != index:
+            del cell.metadata["nbgrader"]  # the student's own cell (or an earlier copy)
+    present = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in notebook.cells}
+    for original in released:
+        if original["grade_id"] in present:
+            continue
+        cell = _new_cell(original)
+        cell.metadata["nbgrader"] = dict(original["nbgrader"])
+        if original["tags"]:
+            cell.metadata["tags"] = list(original["tags"])
+        position = order.index(original["grade_id"])
+        before = [name for name in order[:position] if name in present]
+        index = 0
+        if before:
+            index = 1 + max(i for i, c in enumerate(notebook.cells)
+                            if c.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+                            == before[-1])
+        notebook.cells.insert(index, cell)
+        present.add(original["grade_id"])
+        changed.append(original["grade_id"])
+    return changed
+
+
+def _new_cell(original: dict):
+    import nbformat
+
+    maker = (nbformat.v4.new_code_cell if original["cell_type"] == "code"
+             else nbformat.v4.new_markdown_cell)
+    return maker(original["source"])
+
+
+def edited_locked_cells(notebook) -> list[str]:
+    """The locked cells (tests, set-up) that differ from the release, by their nbgrader
+    checksum (nbgrader's own recipe). Grading puts the originals back, so a check of an edited
+    test says nothing about the grade."""
+    import hashlib
+
+    edited = []
+    for cell in notebook.cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if not (isinstance(meta, dict) and meta.get("locked") and meta.get("checksum")
+                and meta.get("grade_id")):
+            continue
+        digest = hashlib.md5()  # noqa: S324 -- nbgrader's checksum, not a security measure
+        for part in (cell.source, cell.cell_type, str(bool(meta.get("grade"))),
+                     str(bool(meta.get("solution"))), str(bool(meta.get("locked"))),
+                     meta["grade_id"]):
+            digest.update(part.encode("utf-8"))
+        if meta.get("grade"):
+            digest.update(str(float(meta.get("points", 0))).encode("utf-8"))
+        if digest.hexdigest() != meta["checksum"]:
+            edited.append(meta["grade_id"])
+    return edited
+
+
 def run_checks(notebook, *, timeout: int = 60, path: Path | None = None):
     """Run a notebook (a NotebookNode) as the grader does, without the hidden tests: every
     cell but the tests in a fresh kernel of this Python, the tests here. Returns
@@ -214,9 +309,10 @@ def summarize(checks, errors, out=None) -> bool:
     return ok
 
 
-def check_file(path, *, timeout: int = 60, out=None) -> int:
+def check_file(path, *, timeout: int = 60, out=None, as_json: bool = False) -> int:
     """The terminal self-check of a saved notebook: 0 when every check passed, 1 when one
-    failed or a cell raised, 2 when there is no notebook to check."""
+    failed or a cell raised, 2 when there is no notebook to check. ``as_json``: print the
+    checks as JSON (for tools) instead of the list."""
     import nbformat
 
     out = out or sys.stdout
@@ -229,10 +325,22 @@ def check_file(path, *, timeout: int = 60, out=None) -> int:
     except Exception as error:  # noqa: BLE001 -- any unreadable file
         print(f"{path}: not a notebook ({error})", file=out)
         return 2
-    print(f"Checking {path.name} as last saved: every cell from the top in a fresh kernel, "
-          "with the tests you can see (grading adds hidden tests).", file=out)
+    if not as_json:
+        print(f"Checking {path.name} as last saved: every cell from the top in a fresh kernel, "
+              "with the tests you can see (grading adds hidden tests).", file=out)
+    edited = as_graded(notebook) or edited_locked_cells(notebook)
     checks, errors, _ = run_checks(notebook, timeout=timeout, path=path.resolve())
-    return 0 if summarize(checks, errors, out) else 1
+    ok = bool(checks) and all(c[3] for c in checks) and not errors
+    if as_json:
+        keys = ("cell", "grade_id", "points", "passed", "message")
+        print(json.dumps({"checks": [dict(zip(keys, c, strict=True)) for c in checks],
+                          "errors": [list(e) for e in errors], "passed": ok}), file=out)
+        return 0 if ok else 1
+    ok = summarize(checks, errors, out)
+    for grade_id in edited:
+        print(f"  warning: {grade_id} differs from the release: checked with the original, as "
+              "grading does", file=out)
+    return 0 if ok else 1
 
 
 # --- checking the kernel as it is (no saved file) -----------------------------------------------
@@ -326,8 +434,9 @@ def main(argv=None) -> int:
                     "notebook.")
     parser.add_argument("notebook", help="the notebook file, any name")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per cell (60)")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     args = parser.parse_args(argv)
-    return check_file(args.notebook, timeout=args.timeout)
+    return check_file(args.notebook, timeout=args.timeout, as_json=args.json)
 
 
 if __name__ == "__main__":

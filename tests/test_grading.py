@@ -6,53 +6,64 @@ For each assignment under solutions/, a temporary copy of the course gets four s
 - ``untouched``: the release as students get it: zero;
 - ``partial``: only the first code answer filled in (the generic rule of the course's graded
   notebooks): exactly the points of group 1, the test cells between the first and the second
-  code answer, read from the notebook's metadata;
+  code answer, read from the notebook's metadata (bngrade.submissions);
 - ``cheater`` (where ``CHEATS`` has answers for the assignment): answers that call bncore's
-  reference implementation: no points from any test cell that holds hidden tests.
+  reference implementation, which the notebook's kernel cannot import while it is graded: no
+  points.
 
 Then the feedback (HTML with the score, without hidden test code) and the grade CSV are
 checked against the gradebook, and the honest submissions must leave the grader nothing to
-report (``bncore.grading.grading_problems``) and the scan nothing to flag. The helpers at the
-top of this file are the rule itself.
+report (``bngrade.report.grading_problems``) and the scan nothing to flag.
 
 ``test_instructor_workflow`` runs every command of book/instructors.md on a small class, from a
-Canvas download to the grade CSV. The hostile submissions are in test_hostile.py, the students'
-self-check in test_selfcheck.py.
+Canvas download to the grade CSV. The hostile submissions and the valid alternatives are in
+test_hostile.py, the students' self-check in test_selfcheck.py.
 """
 
 from __future__ import annotations
 
-import copy
+import ast
 import csv
-import html
 import re
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 
-from bncore import grading
-from bncore.grading import BEGIN_HIDDEN, assert_close, reference_forbidden
-
-ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENTS = grading.assignments(ROOT)
-COURSE_ID = "batchnorm-course"
+from bncore.runner import (
+    BEGIN_HIDDEN,
+    SKIP_TAG,
+    is_setup_cell,
+    is_test_cell,
+    nbgrader_meta,
+    split_hidden,
+)
+from bngrade.asserts import assert_close
+from bngrade.course import nbgrader_command
+from bngrade.feedback import HideHiddenTests
+from bngrade.report import grading_problems, timed_out
+from bngrade.scan import scan_submission
+from bngrade.submissions import (
+    autograded_points,
+    group_one,
+    is_code_answer,
+    points,
+    submission,
+    submission_kinds,
+)
+from tests.course import ASSIGNMENTS, COURSE_ID, ROOT, hidden_lines, nbgrader, visible_text
 
 # Answers that call bncore instead of computing, by assignment and answer cell (grade_id):
 # directly, through an alias, and through a second copy of the module loaded from its file.
-# Other assignments can add theirs; without an entry, the round trip has three submissions.
 CHEATS = {
     "ch3-forward-backward": {
-        # ... and prints the code that calls it, hidden tests included (feedback must not).
         "forward": (
-            "import linecache\nimport sys\n\nimport bncore.numpy as bn\n\n\n"
+            "import bncore.numpy as bn\n\n\n"
             "def batchnorm_forward(x, gamma, beta, eps=1e-5):\n"
-            "    print(''.join(linecache.getlines(sys._getframe(1).f_code.co_filename)))\n"
             "    return bn.batch_norm_forward(x, gamma, beta, eps=eps)\n"
         ),
         "backward": (
@@ -61,8 +72,9 @@ CHEATS = {
             "    return reference_backward(dout, cache)\n"
         ),
         "backward_alt": (
-            "import importlib.util\n\nimport bncore.numpy\n\n"
-            "spec = importlib.util.spec_from_file_location('my_bn', bncore.numpy.__file__)\n"
+            "import importlib.util\n\nimport bncore\n\n"
+            "spec = importlib.util.spec_from_file_location(\n"
+            "    'my_bn', bncore.__path__[0] + '/numpy.py')\n"
             "my_bn = importlib.util.module_from_spec(spec)\n"
             "spec.loader.exec_module(my_bn)\n\n\n"
             "def batchnorm_backward_alt(dout, cache):\n"
@@ -72,122 +84,54 @@ CHEATS = {
 }
 
 
-# --- the rule, read from a notebook's nbgrader metadata --------------------------------------
+# --- fast checks of the notebooks' conventions and of the grader's helpers -----------------
 
 
-def nbgrader_meta(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
+def answer_names(notebook) -> set[str]:
+    """The functions and classes the answer cells define."""
+    names = set()
+    for cell in notebook.cells:
+        if is_code_answer(cell):
+            tree = ast.parse(cell.source)
+            names |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef,
+                                                                  ast.ClassDef))}
+    return names
 
 
-def is_code_answer(cell) -> bool:
-    return cell.cell_type == "code" and nbgrader_meta(cell).get("solution", False)
-
-
-def is_test(cell) -> bool:
-    """An autograded test cell: graded, not an answer."""
-    meta = nbgrader_meta(cell)
-    return meta.get("grade", False) and not meta.get("solution", False)
-
-
-def autograded_points(nb) -> float:
-    return sum(float(nbgrader_meta(c).get("points", 0)) for c in nb.cells if is_test(c))
-
-
-def group_one(nb) -> list:
-    """The test cells after the first code answer and before the second one (or the end)."""
-    answers = [i for i, cell in enumerate(nb.cells) if is_code_answer(cell)]
-    assert answers, "the notebook has no code answer cell"
-    end = answers[1] if len(answers) > 1 else len(nb.cells)
-    return [cell for cell in nb.cells[answers[0] + 1:end] if is_test(cell)]
-
-
-def points(cells) -> float:
-    return sum(float(nbgrader_meta(c).get("points", 0)) for c in cells)
-
-
-def model_answer(source: str) -> str:
-    """The answer a student would write: the solution cell without nbgrader's markers."""
-    return "\n".join(line for line in source.split("\n")
-                     if "BEGIN SOLUTION" not in line and "END SOLUTION" not in line)
-
-
-def submission(release, solution, fill=(), answers=None):
-    """The release with the answer cells in ``fill`` (grade_ids) taken from the solution, and
-    the cells in ``answers`` ({grade_id: source}) replaced by that source."""
-    model = {nbgrader_meta(c)["grade_id"]: model_answer(c.source)
-             for c in solution.cells if nbgrader_meta(c).get("solution")}
-    nb = copy.deepcopy(release)
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_every_assignment_follows_the_conventions(assignment):
+    path = ROOT / "solutions" / assignment / f"{assignment}.ipynb"
+    assert path.exists(), f"solutions/{assignment}/ must hold {assignment}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    group = group_one(nb)
+    assert points(group) > 0, f"{assignment}: group 1 (first answer's tests) has no points"
+    assert points(group) < autograded_points(nb), f"{assignment}: nothing after group 1"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and nbgrader_meta(first).get("locked"), (
+        "the first cell is a locked markdown cell (title, points, how to check)")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert nbgrader_meta(code[0]).get("grade_id") == "bootstrap", "first: the set-up cell"
+    setup = [c for c in nb.cells if is_setup_cell(c)]
+    assert len(setup) == 1 and "from bncore.check import nb" in setup[0].source
+    last = code[-1]
+    assert f'self_check("{assignment}")' in last.source and SKIP_TAG in last.metadata["tags"]
+    assert nb.metadata["bncore"]["assignment"] == assignment
+    # Test cells reach the student's functions through nb only (they run outside the kernel),
+    # and every test cell has hidden tests.
+    names = answer_names(nb)
     for cell in nb.cells:
-        grade_id = nbgrader_meta(cell).get("grade_id")
-        if answers and grade_id in answers:
-            cell.source = answers[grade_id]
-        elif nbgrader_meta(cell).get("solution") and grade_id in fill:
-            cell.source = model[grade_id]
-    return nb
-
-
-def submission_kinds(release, solution) -> dict:
-    """The three submissions every assignment is graded on: ``full`` (every answer from the
-    solution), ``untouched`` (the release) and ``partial`` (only the first code answer, the
-    course's generic partial-credit rule)."""
-    first = [nbgrader_meta(c)["grade_id"] for c in solution.cells if is_code_answer(c)][:1]
-    every = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-             if nbgrader_meta(c).get("solution")]
-    return {"full": submission(release, solution, fill=every),
-            "untouched": release,
-            "partial": submission(release, solution, fill=first)}
-
-
-def hidden_lines(solution, release) -> set[str]:
-    """Lines of hidden test code that appear nowhere in the release, and so must never appear
-    in feedback. String-literal lines are left out: a test's message is meant to be shown."""
-    shown = "\n".join(cell.source for cell in release.cells)
-    found = set()
-    for cell in solution.cells:
-        inside = False
-        for line in cell.source.split("\n"):
-            if BEGIN_HIDDEN in line:
-                inside = True
-            elif "END HIDDEN TESTS" in line:
-                inside = False
-            elif inside:
-                text = line.strip()
-                literal = re.match(r"^[rbf]*['\"]", text)
-                if len(text) >= 12 and not literal and text not in shown:
-                    found.add(text)
-    return found
-
-
-def visible_text(page: str) -> str:
-    """The text of an HTML page, tags removed (syntax highlighting splits code into spans)."""
-    return html.unescape(re.sub(r"<[^>]+>", "", page))
-
-
-def nbgrader(*args, cwd):
-    command = [*grading.nbgrader_command(), *args]
-    t0 = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    print(f"nbgrader {args[0]}: {time.perf_counter() - t0:.1f} s")
-    return done.stdout + done.stderr
-
-
-# --- fast checks of the notebooks' structure and of bncore.grading ---------------------------
-
-
-def test_every_assignment_follows_the_conventions():
-    assert "ch3-forward-backward" in ASSIGNMENTS
-    for assignment in ASSIGNMENTS:
-        path = ROOT / "solutions" / assignment / f"{assignment}.ipynb"
-        assert path.exists(), f"solutions/{assignment}/ must hold {assignment}.ipynb"
-        nb = nbformat.read(path, as_version=4)
-        group = group_one(nb)
-        assert points(group) > 0, f"{assignment}: group 1 (first answer's tests) has no points"
-        assert points(group) < autograded_points(nb), f"{assignment}: nothing after group 1"
-        first = nb.cells[0]
-        assert first.cell_type == "markdown" and nbgrader_meta(first).get("locked"), (
-            f"{assignment}: the first cell must be a locked markdown cell (title, points, how "
-            "to check)")
+        if not is_test_cell(cell):
+            continue
+        grade_id = nbgrader_meta(cell)["grade_id"]
+        visible, hidden = split_hidden(cell.source)
+        assert hidden.strip(), f"{grade_id} has no hidden tests"
+        for part in (visible, hidden):
+            tree = ast.parse(part)
+            defined = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                       and isinstance(n.ctx, ast.Store)}
+            bare = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                    and isinstance(n.ctx, ast.Load)} & (names - defined)
+            assert not bare, f"{grade_id} uses {sorted(bare)} without nb."
 
 
 def test_assert_close_names_the_matching_mistake():
@@ -203,26 +147,6 @@ def test_assert_close_names_the_matching_mistake():
         assert_close("y", expected * 2, expected)
 
 
-def test_reference_forbidden_catches_calls_into_bncore():
-    import bncore.numpy as bn
-
-    x, gamma, beta = np.random.default_rng(0).normal(size=(4, 3)), np.ones(3), np.zeros(3)
-    with reference_forbidden("mine"):
-        (x - x.mean(axis=0)) / x.std(axis=0)  # plain NumPy is fine
-    with pytest.raises(grading.ReferenceCalled, match="mine calls bncore"):
-        with reference_forbidden("mine"):
-            bn.batch_norm_forward(x, gamma, beta)
-
-    def disarm():
-        sys.setprofile(None)
-        return bn.batch_norm_forward(x, gamma, beta)
-
-    with pytest.raises(grading.ReferenceCalled, match="profile hook"):
-        with reference_forbidden("mine"):
-            disarm()
-    assert sys.getprofile() is None
-
-
 def test_hide_hidden_tests_removes_code_and_tracebacks():
     cell = nbformat.v4.new_code_cell(
         "assert f(1) == 1\n### BEGIN HIDDEN TESTS\nassert f(2) == 4, 'f(2) is wrong'\n"
@@ -230,7 +154,6 @@ def test_hide_hidden_tests_removes_code_and_tracebacks():
         metadata={"nbgrader": {"grade": True, "solution": False, "locked": True,
                                "grade_id": "t", "points": 1, "schema_version": 3}})
     cell.outputs = [
-        # an answer that prints the source of its caller
         nbformat.v4.new_output("stream", name="stdout",
                                text="called from:\nassert f(2) == 4, 'f(2) is wrong'\n"),
         nbformat.v4.new_output(
@@ -239,76 +162,12 @@ def test_hide_hidden_tests_removes_code_and_tracebacks():
                        "AssertionError: f(2) is wrong"]),
     ]
     nb = nbformat.v4.new_notebook(cells=[cell])
-    nb, _ = grading.HideHiddenTests().preprocess(nb, {})
+    nb, _ = HideHiddenTests().preprocess(nb, {})
     assert nb.cells[0].source == "assert f(1) == 1"
     printed, error = nb.cells[0].outputs
     assert "called from:" in printed.text and "assert f(2)" not in printed.text
     shown = "\n".join(error.traceback)
     assert "f(2) is wrong" in shown and "assert f(2)" not in shown
-
-
-def test_scan_code_flags_what_reaches_outside():
-    flagged = {
-        "import os\nos._exit(0)": "exits the kernel",
-        "import sys\nsys.exit()": "exits",
-        "import bncore.numpy as bn": "reference implementation",
-        "from bncore.numpy import batch_norm_forward as f": "reference implementation",
-        "import numpy as np\nnp.allclose = lambda *a, **k: True": "changes the module numpy",
-        "import numpy.testing as npt\nnpt.assert_allclose = print": "changes the module",
-        "import builtins\nbuiltins.len = None": "builtins",
-        "get_ipython().input_transformers_post.append(f)": "changes how cells run",
-        "import sys\nsys.settrace(None)": "trace hook",
-        "f.__code__ = g.__code__": "rewrites function code",
-        "open('/etc/passwd').read()": "opens files",
-        "exec(source)": "runs generated code",
-        "import subprocess": "starts processes",
-        "import ctypes": "ctypes",
-        "!rm -rf ~": "shell command",
-        "%run other.py": "magic %run",
-        "try:\n    pass\nexcept KeyboardInterrupt:\n    pass": "catches KeyboardInterrupt",
-        "def f(:\n    open('x')": "opens files",  # a syntax error: still scanned
-    }
-    for source, reason in flagged.items():
-        found = grading.scan_code(source)
-        assert any(reason in r for r in found), f"{source!r}: {found}"
-    for assignment in ASSIGNMENTS:  # every model answer is clean
-        nb = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", 4)
-        for cell in nb.cells:
-            if is_code_answer(cell):
-                assert grading.scan_code(model_answer(cell.source)) == [], (
-                    assignment, nbgrader_meta(cell)["grade_id"],
-                    grading.scan_code(model_answer(cell.source)))
-
-
-def test_grader_hooks_undo_and_detect_patches():
-    import bncore.numpy as bn
-
-    hooks = grading.GraderHooks
-    assert hooks._state is None  # outside grading, nothing is sealed and verify does nothing
-    hooks.verify("x")
-    hooks.seal(["bncore.numpy"])
-    try:
-        allclose, code = np.allclose, bn.batch_norm_forward.__code__
-        np.allclose = lambda *args, **kwargs: True
-        with pytest.raises(grading.GradingTampered, match="numpy.allclose"):
-            hooks.verify("your answer")
-        with pytest.raises(grading.GradingTampered):  # assert_close checks first
-            assert_close("y", np.zeros(2), np.ones(2))
-        assert "numpy.allclose" in hooks.restore() and np.allclose is allclose
-        hooks.verify("x")
-        bn.batch_norm_forward.__code__ = (lambda x, gamma, beta, eps=1e-5: None).__code__
-        with pytest.raises(grading.GradingTampered, match="batch_norm_forward"):
-            with reference_forbidden("mine"):  # verified on the way out
-                pass
-        assert any("batch_norm_forward" in r for r in hooks.restore())
-        assert bn.batch_norm_forward.__code__ is code
-        assert hooks.restore() == []
-    finally:
-        hooks.restore()
-        hooks._state = None
-
-
-# --- the round trip ------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -318,9 +177,7 @@ def test_round_trip(assignment, tmp_path, capsys):
 
     course = tmp_path / "course"
     course.mkdir()
-    shutil.copytree(ROOT / "solutions", course / "solutions")
-    if (ROOT / "exercises").exists():
-        shutil.copytree(ROOT / "exercises", course / "exercises")
+    shutil.copytree(ROOT / "solutions" / assignment, course / "solutions" / assignment)
     shutil.copy(ROOT / "nbgrader_config.py", course)
     name = f"{assignment}.ipynb"
 
@@ -350,7 +207,7 @@ def test_round_trip(assignment, tmp_path, capsys):
     total = autograded_points(solution)
     expected = {"full": total, "untouched": 0.0, "partial": points(group_one(solution))}
     hidden_cells = [nbgrader_meta(c)["grade_id"] for c in solution.cells
-                    if is_test(c) and BEGIN_HIDDEN in c.source]
+                    if is_test_cell(c) and BEGIN_HIDDEN in c.source]
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}", COURSE_ID) as gb:
         scores = {s: gb.find_submission(assignment, s).score for s in students}
         max_score = gb.find_assignment(assignment).max_score
@@ -365,23 +222,22 @@ def test_round_trip(assignment, tmp_path, capsys):
             f"(autograded total {total})")
         # An honest submission: nothing for the grader to undo or report, nothing suspicious.
         graded = course / "autograded" / student / assignment / name
-        problems = grading.grading_problems(graded)
+        problems = grading_problems(graded)
         assert problems == [], (student, problems)
-        assert not grading.timed_out(graded)
+        assert not timed_out(graded)
         submitted = course / "submitted" / student / assignment / name
-        found = grading.scan_submission(submitted)
+        found = scan_submission(submitted)
         assert found == [], (student, found)
     if cheat_grades:
         assert not any(cheat_grades.values()), (
             f"{assignment}: answers calling bncore earned hidden-test points: {cheat_grades}")
-        # ... and it is the hidden tests that refused them, not some unrelated error.
+        # ... because the reference cannot be imported, not for some unrelated error.
         graded = nbformat.read(course / "autograded" / "cheater" / assignment / name, 4)
-        for cell in graded.cells:
-            if nbgrader_meta(cell).get("grade_id") in hidden_cells:
-                errors = [o for o in cell.outputs if o.output_type == "error"]
-                assert errors and errors[0].ename == "ReferenceCalled", (
-                    f"{assignment}: cheater's {nbgrader_meta(cell)['grade_id']} failed with "
-                    f"{[(o.ename, o.evalue) for o in errors]}, not with ReferenceCalled")
+        refused = "cannot be imported while this notebook is"
+        answer_errors = [o.evalue for c in graded.cells if is_code_answer(c)
+                         for o in c.outputs if o.output_type == "error"]
+        assert len(answer_errors) == 3 and all(refused in e for e in answer_errors), (
+            answer_errors)
 
     # A student checking the correct notebook with nbgrader validate sees it pass.
     out = nbgrader("validate", f"submitted/full/{assignment}/{name}", cwd=course)
@@ -421,14 +277,16 @@ def test_round_trip(assignment, tmp_path, capsys):
 WORKFLOW_ASSIGNMENT = "ch3-forward-backward"
 # Every command of the instructors' page, in its order; the test runs each one.
 WORKFLOW = [
-    "python -m bncore.sandbox check",
+    "python -m bngrade.sandbox check",
     "nbgrader generate_assignment ch3-forward-backward --force",
     "nbgrader db student import students.csv",
     "nbgrader zip_collect ch3-forward-backward",
-    "python -m bncore.grading scan submitted/*/ch3-forward-backward/ch3-forward-backward.ipynb",
-    "python -m bncore.autograde ch3-forward-backward --jobs 2",
-    "python -m bncore.grading written ch3-forward-backward",
-    "python -m bncore.grading written ch3-forward-backward --score 1001 written_jacobian 2 "
+    "python -m bngrade scan submitted/*/ch3-forward-backward/ch3-forward-backward.ipynb",
+    "python -m bngrade canary ch3-forward-backward",
+    "python -m bngrade.autograde ch3-forward-backward --jobs 2",
+    "python -m bngrade similarity ch3-forward-backward",
+    "python -m bngrade written ch3-forward-backward",
+    "python -m bngrade written ch3-forward-backward --score 1001 written_jacobian 2 "
     '--comment "Clear and complete."',
     "nbgrader generate_feedback ch3-forward-backward",
     "nbgrader export",
@@ -478,7 +336,7 @@ def test_instructor_workflow(tmp_path, capsys):
         if args[0] == "python":
             args = [sys.executable, *args[1:]]
         elif args[0] == "nbgrader":
-            args = [*grading.nbgrader_command(), *args[1:]]
+            args = [*nbgrader_command(), *args[1:]]
         args = [a for arg in args
                 for a in (sorted(glob.glob(arg, root_dir=course)) if "*" in arg else [arg])]
         t0 = time.perf_counter()
@@ -491,9 +349,13 @@ def test_instructor_workflow(tmp_path, capsys):
     for student in ("1001", "1002"):
         assert (course / "submitted" / student / assignment / name).exists()
     assert outputs[WORKFLOW[4]].count(": clean") == 2
-    summary = outputs[WORKFLOW[5]]
+    assert f"canary: {assignment}: the solution earns" in outputs[WORKFLOW[5]]
+    summary = outputs[WORKFLOW[6]]
     assert "2 graded" in summary and "0 failed" in summary, summary
-    listing = outputs[WORKFLOW[6]]
+    similar = outputs[WORKFLOW[7]]  # Jane's answers are the model's, word for word
+    assert "1001" in similar and "the model solution" in similar, similar
+    assert (course / ".grading" / f"similarity-{assignment}.csv").is_file()
+    listing = outputs[WORKFLOW[8]]
     assert "1001" in listing and "1002" in listing and "written_jacobian" in listing
 
     total = autograded_points(solution)

@@ -84,7 +84,7 @@ BUSY_TIMEOUT = 120
 #: The folder, under the course root, that holds the ledger and the workers' logs.
 STATE_DIR = Path(".grading") / "autograde"
 #: Testing hook: a worker kills itself (SIGKILL) in the middle of grading this student.
-KILL_ENV = "BNCORE_AUTOGRADE_KILL"
+KILL_ENV = "BNGRADE_AUTOGRADE_KILL"
 
 GRADED, SUSPICIOUS, TIMED_OUT, FAILED = "graded", "suspicious", "timed out", "failed"
 # Grading problems (bngrade.report.grading_problems) that mean the submission fought the grader.

@@ -44,19 +44,27 @@ def prepare_source(path: Path, assignment: str) -> bool:
 
 
 def released_tests(notebook) -> dict:
-    """The set-up cell and the test cells of a released notebook, for bncore's self-check."""
-    tests, number, setup = [], 0, ""
+    """What bncore's self-check needs of a released notebook: its set-up cell, its test cells
+    (with their numbers among the code cells) and every locked cell in order (to put edited or
+    deleted ones back, as grading does)."""
+    tests, locked, number, setup = [], [], 0, ""
     for cell in notebook.cells:
+        meta = nbgrader_meta(cell)
+        if meta.get("locked") and meta.get("grade_id"):
+            locked.append({"grade_id": meta["grade_id"], "cell_type": cell.cell_type,
+                           "source": cell.source, "nbgrader": dict(meta),
+                           "tags": list(cell.metadata.get("tags", []))})
         if cell.cell_type != "code":
             continue
         number += 1
         if is_setup_cell(cell):
             setup = cell.source
         elif is_test_cell(cell):
-            meta = nbgrader_meta(cell)
             tests.append({"grade_id": meta["grade_id"], "points": float(meta["points"]),
                           "source": cell.source, "number": number})
-    return {"setup": setup, "tests": tests}
+    order = [nbgrader_meta(c)["grade_id"] for c in notebook.cells
+             if nbgrader_meta(c).get("grade_id")]
+    return {"setup": setup, "tests": tests, "locked": locked, "order": order}
 
 
 def release(names: Sequence[str] | None = None, *, root: Path | str = ".",

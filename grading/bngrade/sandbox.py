@@ -337,7 +337,7 @@ class SandboxedKernelManager(AsyncKernelManager):
         await self._async_cleanup_resources(restart=restart)
 
 
-# --- python -m bncore.sandbox check ------------------------------------------------------------
+# --- python -m bngrade.sandbox check ------------------------------------------------------------
 
 
 def check(course_root: Path | None = None) -> int:

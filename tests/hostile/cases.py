@@ -3,9 +3,10 @@
 Every case is one student of one class. ``Case.build`` writes the student's folder
 ``submitted/<student>/ch3-forward-backward/``, starting from the release that students get and
 the model answers of the solution notebook (so the corpus follows the notebook when it
-changes). ``Case.lose`` names the test cells whose points the submission must NOT get; the
-grade it must receive is the autograded total minus their points, read from the notebook's
-metadata. tests/test_hostile.py grades all of them in one ``nbgrader autograde`` run.
+changes). ``Case.lose`` names the test cells whose points the submission must NOT get: the
+points its honest part earns are the grade it must receive, read from the notebook's metadata.
+tests/test_hostile.py grades all of them in one ``nbgrader autograde`` run, and runs the
+students' self-check on them too: the two must agree.
 
 The cases, by kind (README.md in this folder has the table):
 
@@ -15,11 +16,13 @@ The cases, by kind (README.md in this folder has the table):
 * a mangled notebook: an edited, deleted, reordered or retyped test cell, a deleted setup cell,
   a moved or duplicated answer cell, tampered nbgrader metadata (points, locks, an old schema
   version that makes plain nbgrader abort the whole class);
-* cheating: monkeypatching numpy and numpy.testing, bncore.grading's helpers, bncore's
-  reference implementation together with the setup's helpers, builtins (``__import__``),
-  IPython (an input transformer that swallows every error, a custom exception handler), a
-  fake result value (``sys.displayhook``), calling bncore's reference directly or through an
-  alias, printing the hidden tests into the feedback;
+* forging a pass, one case per way that worked against a grader that checks inside the
+  student's kernel: results that lie when compared (subclasses of int and ndarray), a lazy
+  ``__array__``, a thread that patches NumPy and the helpers, the reference's code cloned or
+  exec'd from its file, IPython's compiler and input transformers wrapping every cell in
+  ``try``, fake modules in ``sys.modules`` and a one-shot ``builtins.__import__``, walking the
+  stack and the garbage collector for the expected values; and against this grader: a patched
+  channel server, a flood of output, PyTorch's batch norm, a fake result value;
 * reaching outside: reading the solutions, the gradebook and another student's work, writing
   to the gradebook, to another student's folder and outside one's own, the network;
 * broken files: malformed JSON, nbformat 3, a wrong file name, no notebook at all, extra
@@ -263,18 +266,7 @@ CALLS_REFERENCE = {
     """),
 }
 
-PATCH_HELPERS = code("""
-    import contextlib
-
-    import bncore.grading
-
-    # The hidden tests import these: make them accept anything.
-    bncore.grading.reference_forbidden = lambda what="": contextlib.nullcontext()
-    bncore.grading.assert_close = lambda *args, **kwargs: None
-""")
-
-# The backward passes are 0.1 % off; the setup's rel_error and bncore's reference are made to
-# agree with them.
+# The backward passes are 0.1 % off; the setup's rel_error is made to agree with them.
 SCALED_BACKWARD = code("""
     def batchnorm_backward(dout, cache):
         xc, var, std, xhat, gamma, eps = cache
@@ -282,26 +274,9 @@ SCALED_BACKWARD = code("""
         dgamma = (dout * xhat).sum(axis=0)
         dx = gamma / std * (dout - dout.mean(axis=0) - xhat * (dout * xhat).mean(axis=0))
         return dx * 1.001, dgamma, dbeta
-""")
 
-PATCH_BNCORE = SCALED_BACKWARD + "\n\n\n" + code("""
-    import types
-
-    import bncore.numpy as bn
 
     rel_error = lambda a, b: 0.0  # the setup cell's helper: every gradient check passes
-
-    # bncore's reference now gives the same 0.1 % error, so expected == actual.
-    bn._true_backward = types.FunctionType(bn.batch_norm_backward.__code__,
-                                           bn.batch_norm_backward.__globals__)
-
-
-    def _scaled(dout, cache):
-        dx, dgamma, dbeta = _true_backward(dout, cache)
-        return dx * 1.001, dgamma, dbeta
-
-
-    bn.batch_norm_backward.__code__ = _scaled.__code__
 """)
 
 SCALED_BACKWARD_ALT = SCALED_BACKWARD.replace("batchnorm_backward(", "batchnorm_backward_alt(")
@@ -309,19 +284,19 @@ SCALED_BACKWARD_ALT = SCALED_BACKWARD.replace("batchnorm_backward(", "batchnorm_
 PATCH_BUILTINS = code("""
     import builtins
     import contextlib
+    import sys
     import types
 
     _real_import = builtins.__import__
-    _fake = types.ModuleType("bncore.grading")
-    _fake.reference_forbidden = lambda what="": contextlib.nullcontext()
+    _fake = types.ModuleType("bngrade.asserts")
     _fake.assert_close = lambda *args, **kwargs: None
-    _fake.forward_mistakes = lambda *args, **kwargs: []
-    _fake.backward_mistakes = lambda *args, **kwargs: {"dx": [], "dgamma": [], "dbeta": []}
+    sys.modules["bngrade"] = types.ModuleType("bngrade")
+    sys.modules["bngrade.asserts"] = _fake
 
 
     def _import(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "bncore.grading" and fromlist:
-            return _fake  # the hidden tests get helpers that accept anything
+        if name.startswith(("bngrade", "bncore.check")):
+            return _fake  # the tests' helpers would accept anything
         return _real_import(name, globals, locals, fromlist, level)
 
 
@@ -342,6 +317,17 @@ PATCH_IPYTHON = code("""
 
     ip.input_transformers_post.append(_swallow)  # every later cell swallows its errors
     ip.set_custom_exc((BaseException,), lambda *args, **kwargs: None)
+    _compile = ip.compile
+
+
+    class _Forgiving(type(_compile)):
+        def __call__(self, source, filename, symbol):
+            wrapped = "try:\\n" + "\\n".join("    " + l for l in source.splitlines()) \\
+                + "\\nexcept BaseException:\\n    pass\\n"
+            return super().__call__(wrapped, filename, symbol)
+
+
+    ip.compile.__class__ = _Forgiving  # IPython's compiler hook: every cell in a try
 """)
 
 FAKE_RESULT = {
@@ -356,6 +342,142 @@ FAKE_RESULT = {
     for name, function in [("forward", "batchnorm_forward"), ("backward", "batchnorm_backward"),
                            ("backward_alt", "batchnorm_backward_alt")]
 }
+
+# Results that compare equal to anything: int and ndarray subclasses that lie.
+LYING_RESULTS = code("""
+    class Yes(np.ndarray):
+        def __eq__(self, other):
+            return np.ones(np.shape(other), dtype=bool)
+
+        __array_priority__ = 1e9
+
+        def __array_function__(self, func, types, args, kwargs):
+            return True  # np.allclose, np.array_equal, np.isclose...
+
+
+    class Always(int):
+        def __eq__(self, other):
+            return True
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        return np.zeros_like(x).view(Yes), Always(0)
+""")
+
+# A lazy result: the work (a call of the reference) happens when the checker converts it.
+LAZY_ARRAY = code("""
+    class Later:
+        def __init__(self, args):
+            self.args = args
+
+        def __array__(self, dtype=None, copy=None):
+            import bncore.numpy as bn
+            return bn.batch_norm_forward(*self.args)[0]
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        return Later((x, gamma, beta, eps)), None
+""")
+
+THREAD = code("""
+    import threading
+    import time
+
+    import numpy
+
+
+    def _keep_patching():
+        while True:
+            numpy.allclose = lambda *args, **kwargs: True
+            numpy.isclose = lambda *args, **kwargs: True
+            numpy.array_equal = lambda *args, **kwargs: True
+            try:
+                import bncore.numpy  # noqa: F401 -- and the reference, if it were there
+            except ImportError:
+                pass
+            time.sleep(0.001)
+
+
+    threading.Thread(target=_keep_patching, daemon=True).start()
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        return x.copy(), None
+""")
+
+# The reference's code cloned under other names: the code objects of a module loaded from
+# bncore's file (exec'd from its source read from disk).
+CLONED_REFERENCE = code("""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("bncore")
+    path = spec.submodule_search_locations[0] + "/numpy.py"
+    source = open(path).read()
+    clone = types.ModuleType("my_batchnorm")
+    exec(compile(source, "my_batchnorm.py", "exec"), clone.__dict__)
+    forward = types.FunctionType(clone.batch_norm_forward.__code__.replace(
+        co_name="mine", co_firstlineno=1), clone.__dict__)
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        return forward(x, gamma, beta, eps=eps)
+""")
+
+STACK_AND_GC = code("""
+    import gc
+    import sys
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        # The expected value would be in the caller's frames or somewhere in memory.
+        frame, found = sys._getframe(1), None
+        while frame is not None and found is None:
+            found = frame.f_locals.get("expected")
+            frame = frame.f_back
+        if found is None:
+            arrays = [o for o in gc.get_objects()
+                      if isinstance(o, np.ndarray) and o.shape == x.shape and o is not x]
+            found = arrays[-1] if arrays else np.zeros_like(x)
+        return np.array(found, dtype=x.dtype), None
+""")
+
+PATCH_SERVER = code("""
+    import json
+
+    real = __bncore_server__
+
+
+    class Liar(type(real)):
+        def answer(self, request):
+            # Every call of the notebook's functions "returns" its first argument.
+            if request.get("op") == "call" and request.get("args"):
+                return {"kind": "result", "ok": request["args"][0]}
+            return super().answer(request)
+
+
+    real.__class__ = Liar
+""")
+
+FLOOD = code("""
+    import sys
+
+
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        for _ in range(300):
+            sys.stdout.write("y" * 100_000 + "\\n")
+        raise NotImplementedError()
+""")
+
+TORCH_REFERENCE = code("""
+    def batchnorm_forward(x, gamma, beta, eps=1e-5):
+        import torch
+        import torch.nn.functional as F
+
+        out = F.batch_norm(torch.from_numpy(x), None, None, torch.from_numpy(gamma),
+                           torch.from_numpy(beta), training=True, eps=eps)
+        return out.numpy(), None
+""")
 
 READ_SOLUTIONS = code("""
     import json
@@ -590,38 +712,55 @@ def cases(marker: str) -> list[Case]:
         notebook_case("duplicated_answer", "answer cell duplicated", _duplicated_answer),
         notebook_case("tampered_metadata", "points 100, unlocked tests, schema version 1, a "
                       "test marked ungraded", _tampered_metadata, lose=("test_backward_alt",)),
-        # cheating
+        # forging a pass: none of these has an honest answer, so none may earn a point
         notebook_case("patch_numpy", "np.allclose, np.isclose, numpy.testing patched; wrong "
                       "answers", lambda k: k.full(forward=PATCH_NUMPY, backward=WRONG_BACKWARD,
-                                                  backward_alt=WRONG_BACKWARD_ALT),
-                      lose=ALL, problems=("tampering",)),
-        notebook_case("patch_helpers", "bncore.grading's reference_forbidden and assert_close "
-                      "patched; answers call bncore", lambda k: k.full(
-                          forward=PATCH_HELPERS + "\n\n\n" + CALLS_REFERENCE["forward"],
-                          backward=CALLS_REFERENCE["backward"],
-                          backward_alt=CALLS_REFERENCE["backward_alt"]),
-                      lose=ALL, problems=("tampering",)),
-        notebook_case("patch_bncore", "bncore's reference code and the setup's rel_error "
-                      "patched to agree with 0.1 % wrong gradients", lambda k: k.full(
-                          backward=PATCH_BNCORE, backward_alt=SCALED_BACKWARD_ALT),
-                      lose=later, problems=("tampering",)),
-        notebook_case("patch_builtins", "builtins.__import__ hands the hidden tests fake "
-                      "helpers; answers call bncore", lambda k: k.full(
+                                                  backward_alt=WRONG_BACKWARD_ALT), lose=ALL),
+        notebook_case("lying_results", "results that compare equal to anything (int and "
+                      "ndarray subclasses)", lambda k: k.with_stub("backward_alt", k.with_stub(
+                          "backward", k.full(forward=LYING_RESULTS))), lose=ALL),
+        notebook_case("lazy_array", "a lazy __array__ that calls the reference when the "
+                      "checker converts it", lambda k: k.with_stub("backward_alt", k.with_stub(
+                          "backward", k.full(forward=LAZY_ARRAY))), lose=ALL),
+        notebook_case("thread", "a thread that keeps patching NumPy and imports the reference",
+                      lambda k: k.with_stub("backward_alt", k.with_stub(
+                          "backward", k.full(forward=THREAD))), lose=ALL),
+        notebook_case("cloned_reference", "the reference's code objects cloned from bncore's "
+                      "file, under another name", lambda k: k.with_stub(
+                          "backward_alt", k.with_stub("backward",
+                                                      k.full(forward=CLONED_REFERENCE))),
+                      lose=ALL, needs_sandbox=True),
+        notebook_case("patch_ipython", "IPython's compiler and input transformers wrap every "
+                      "cell in try/except, an exception handler swallows the rest; no answers",
+                      lambda k: add_cell(k.untouched(), "setup", PATCH_IPYTHON), lose=ALL),
+        notebook_case("patch_builtins", "fake bngrade modules in sys.modules and a "
+                      "builtins.__import__ that hands them out; answers call bncore",
+                      lambda k: k.full(
                           forward=PATCH_BUILTINS + "\n\n\n" + CALLS_REFERENCE["forward"],
                           backward=CALLS_REFERENCE["backward"],
-                          backward_alt=CALLS_REFERENCE["backward_alt"]),
-                      lose=ALL, problems=("tampering",)),
-        notebook_case("patch_ipython", "an input transformer and an exception handler that "
-                      "swallow every error; answers undone",
-                      lambda k: add_cell(k.untouched(), "setup", PATCH_IPYTHON), lose=ALL,
-                      problems=("tampering",)),
+                          backward_alt=CALLS_REFERENCE["backward_alt"]), lose=ALL),
+        notebook_case("stack_and_gc", "walks the caller's frames and the garbage collector "
+                      "for the expected value", lambda k: k.with_stub("backward_alt",
+                          k.with_stub("backward", k.full(forward=STACK_AND_GC))), lose=ALL),
+        notebook_case("patch_channel", "replaces the notebook's end of the channel so that "
+                      "every call returns its input; no answers",
+                      lambda k: add_cell(k.untouched(), "setup", PATCH_SERVER), lose=ALL),
+        notebook_case("patch_rel_error", "0.1 % wrong gradients, the setup's rel_error "
+                      "patched to agree", lambda k: k.full(backward=SCALED_BACKWARD,
+                                                           backward_alt=SCALED_BACKWARD_ALT),
+                      lose=later),
         notebook_case("fake_result", "sys.displayhook('full marks') before failing: nbgrader "
                       "reads a result that is not a number as full credit",
-                      lambda k: k.full(**FAKE_RESULT), lose=ALL,
-                      problems=("result value",)),
+                      lambda k: k.full(**FAKE_RESULT), lose=ALL),
+        notebook_case("flood", "prints 30 MB from inside a test's call",
+                      lambda k: k.with_stub("backward_alt", k.with_stub(
+                          "backward", k.full(forward=FLOOD))), lose=ALL, suspicious=False),
         notebook_case("reference", "answers call bncore directly and through an alias",
                       lambda k: k.full(**CALLS_REFERENCE), lose=ALL),
-        notebook_case("leaky", "prints the hidden tests that call it; writes BEGIN HIDDEN "
+        notebook_case("torch", "the forward pass calls PyTorch's batch norm",
+                      lambda k: k.with_stub("backward_alt", k.with_stub(
+                          "backward", k.full(forward=TORCH_REFERENCE))), lose=ALL),
+        notebook_case("leaky", "prints the source of whatever calls it; writes BEGIN HIDDEN "
                       "TESTS in its answer", lambda k: k.full(forward=LEAKY)),
         # reaching outside
         notebook_case("read_solutions", "reads the solutions, its own graded notebook, the "
@@ -659,8 +798,6 @@ PLAIN_NBGRADER = {
     "duplicated_answer": "the whole class stops (SchemaTooOldError): nobody after it is graded",
     "tampered_metadata": "the whole class stops (SchemaTooOldError)",
     "patch_numpy": "5 of 12",
-    "patch_helpers": "12 of 12",
-    "patch_bncore": "12 of 12",
     "patch_builtins": "12 of 12",
     "patch_ipython": "12 of 12",
     "fake_result": "12 of 12",
@@ -680,6 +817,16 @@ def expected_score(case: Case, solution) -> float:
     return sum(tests.values()) - sum(tests[name] for name in lost)
 
 
+# The cases of the corpus when plain nbgrader was measured; the others were added later.
+MEASURED = {"good_1", "good_2", "victim", "partial", "untouched", "infinite_loop",
+            "stubborn_loop", "raises", "sys_exit", "os_exit", "segfault", "memory_bomb",
+            "fork_bomb", "big_output", "edited_test", "deleted_test", "deleted_setup",
+            "reordered", "retyped", "moved_answer", "duplicated_answer", "tampered_metadata",
+            "patch_numpy", "patch_builtins", "patch_ipython", "fake_result", "reference",
+            "leaky", "read_solutions", "write_attack", "malformed_json", "old_nbformat",
+            "wrong_name", "missing", "extra_files"}
+
+
 def describe(corpus: list[Case]) -> str:
     """The corpus as a Markdown table (README.md shows it)."""
     rows = ["| student | submission | loses the points of | plain nbgrader 0.9.6 |",
@@ -688,7 +835,8 @@ def describe(corpus: list[Case]) -> str:
         loses = "every test" if case.lose == ALL else ", ".join(case.lose) or "nothing"
         if not case.graded:
             loses += " (not graded: named in the log)"
-        plain = PLAIN_NBGRADER.get(case.student, "the same")
+        plain = PLAIN_NBGRADER.get(case.student, "the same" if case.student in MEASURED
+                                   else "not measured")
         rows.append(f"| `{case.student}` | {case.what} | {loses} | {plain} |")
     return "\n".join(rows)
 
