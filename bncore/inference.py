@@ -126,13 +126,33 @@ class KerasMomentumBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        self._check_input_dim(x)  # (N, C) or (N, C, L), before any state changes
         out = F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         with torch.no_grad():
-            mean, var = x.mean(0), x.var(0, unbiased=True)
+            dims = [0, *range(2, x.dim())]  # every axis but the channel axis 1
+            mean, var = x.mean(dims), x.var(dims, unbiased=True)
             self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean)
             self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var)
             self.num_batches_tracked += 1
         return out
+
+
+def _check_foldable(layer: nn.Module, bn: nn.Module) -> None:
+    """Raise ValueError unless ``bn`` is an eval-mode BN with running statistics whose channel
+    count matches ``layer``'s output channels (as bncore.numpy.fold_batch_norm checks)."""
+    if bn.training:
+        raise ValueError("fold_bn needs an eval-mode BN: call bn.eval() first (in training "
+                         "mode it normalizes with each batch's statistics)")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BN without running statistics "
+                         "(track_running_stats=False normalizes with batch statistics)")
+    if not bn.eps > 0:
+        raise ValueError(f"eps must be > 0, got {bn.eps!r}")
+    weight = layer.weight
+    if weight.dim() < 2 or weight.shape[0] != bn.num_features:
+        raise ValueError(f"the layer's weight of shape {tuple(weight.shape)} has "
+                         f"{weight.shape[0]} output channels; the BN has "
+                         f"num_features={bn.num_features}")
 
 
 @torch.no_grad()
@@ -140,6 +160,7 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows it
     folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel) and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
+    _check_foldable(layer, bn)
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -152,14 +173,16 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 def fold_model(model: nn.Sequential) -> nn.Sequential:
-    """A copy of ``model`` for inference, with every BN that directly follows a Linear or
-    Conv2d folded into it (the BN disappears). Other layers are copied as they are."""
+    """A copy of ``model`` for inference (in eval mode), with every BN that directly follows a
+    Linear or Conv2d folded into it (the BN disappears). Other layers are copied as they are.
+    Each BN is folded as it acts in eval mode, whatever mode ``model`` is in; ``model`` itself
+    is left untouched."""
     layers: list[nn.Module] = []
-    for module in model:
+    for module in copy.deepcopy(model).eval():
         if is_batch_norm(module) and layers and isinstance(layers[-1], (nn.Linear, nn.Conv2d)):
             layers[-1] = fold_bn(layers[-1], module)
         else:
-            layers.append(copy.deepcopy(module))
+            layers.append(module)
     return nn.Sequential(*layers).eval()
 
 
@@ -167,15 +190,21 @@ def fold_model(model: nn.Sequential) -> nn.Sequential:
 def time_forward(model: nn.Module, X: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
     """Best (smallest) wall-clock seconds of one eval-mode forward pass of ``model`` on X.
 
-    The minimum, not the mean: on a shared machine other work only ever adds time."""
+    The minimum, not the mean: on a shared machine other work only ever adds time. The model's
+    mode (training or eval, module by module) is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    for _ in range(warmup):
-        model(X)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(X)
-        best = min(best, time.perf_counter() - start)
+    try:
+        for _ in range(warmup):
+            model(X)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(X)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        for module, training in modes:
+            module.training = training
     return best
 
 
