@@ -152,6 +152,20 @@ def test_keras_momentum_handles_n_c_and_n_c_l_input(shape):
     torch.testing.assert_close(keras.running_var, torch_bn.running_var)
 
 
+def test_keras_momentum_without_running_statistics_uses_batch_statistics():
+    torch.manual_seed(11)
+    keras = inf.KerasMomentumBatchNorm1d(4, track_running_stats=False)
+    torch_bn = nn.BatchNorm1d(4, track_running_stats=False)
+    x = torch.randn(8, 4) * 2 + 1
+    torch.testing.assert_close(keras(x), torch_bn(x))
+    torch.testing.assert_close(keras.eval()(x), torch_bn.eval()(x))
+
+
+def test_keras_momentum_rejects_momentum_none():
+    with pytest.raises(ValueError, match="momentum"):
+        inf.KerasMomentumBatchNorm1d(4, momentum=None)
+
+
 def test_keras_momentum_rejects_a_wrong_shape_before_changing_state():
     keras = inf.KerasMomentumBatchNorm1d(4)
     with pytest.raises(ValueError, match="2D or 3D"):
