@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bncore.data import Split
 
 QUANTILES = (15, 50, 85)  # the percentiles of the batch-norm paper's Figure 1
 SATURATION = 0.02  # sigma(z) < 0.02 or > 0.98 counts as saturated, i.e. |z| > log(49) ~ 3.89
@@ -98,8 +102,8 @@ class ActivationTracker:
         return np.array(self.steps), np.stack([r[layer] for r in self._records])
 
 
-def track_training(net: SigmoidMLP, data, steps: int, every: int = 10, lr: float = 0.5,
-                   seed: int = 0) -> dict:
+def track_training(net: SigmoidMLP, data: Split, steps: int, every: int = 10, lr: float = 0.5,
+                   seed: int = 0) -> dict[str, Any]:
     """Train net on data (a bncore.data.Split) and watch its sigmoid inputs on the test set.
 
     Training: ``train(net, data.X_train, data.y_train, steps, lr=lr, seed=seed, on_step=...)``.
@@ -207,7 +211,8 @@ class SigmoidMLP:
         (h,) = self._cache[-1]
         grads_W, grads_b = [h.T @ dout], [dout.sum(0)]
         dh = dout @ self.W[-1].T
-        grads_gamma, grads_beta = [], []
+        grads_gamma: list[np.ndarray] = []
+        grads_beta: list[np.ndarray] = []
         for l in reversed(range(self.n_hidden)):
             h_in, xhat, _, var = self._cache[l]
             s = sigmoid(self.z[l])
@@ -262,7 +267,7 @@ def train(net: SigmoidMLP, X: np.ndarray, y: np.ndarray, steps: int, batch_size:
     return losses
 
 
-def _one_blas_thread():
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # threadpoolctl comes with scikit-learn; without it, change nothing
@@ -278,7 +283,7 @@ REFERENCE_ANSWERS = (percentiles, drift, track_training, ActivationTracker.__ini
                      ActivationTracker.record, ActivationTracker.history)
 
 
-def tracking_forbidden(what: str = "your answer"):
+def tracking_forbidden(what: str = "your answer") -> contextlib.AbstractContextManager[Any]:
     """``bncore.grading.reference_forbidden`` that also forbids this module's reference answers
     (percentiles, drift, ActivationTracker, track_training); SigmoidMLP, train and accuracy stay
     allowed. Raises ``bncore.grading.ReferenceCalled``.
