@@ -5,11 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test exercises lint clean-book help
+.PHONY: book test test-fast typecheck exercises lint clean-book help
 
 help:
 	@echo "make book       build the book, strict, every notebook executed (_build/html)"
 	@echo "make test       run the whole test suite (unit tests, book build, nbgrader round trip)"
+	@echo "make test-fast  bncore's unit tests only: no book build, no nbgrader, no browser"
+	@echo "make typecheck  mypy on bncore (settings in pyproject.toml)"
 	@echo "make exercises  regenerate exercises/ from solutions/ with nbgrader"
 	@echo "make lint       ruff"
 
@@ -25,6 +27,13 @@ book: $(STAMP)
 test: $(STAMP)
 	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
+
+# The tests marked neither slow nor grading (tests/conftest.py marks the grading files).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not grading"
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 exercises: $(STAMP)
 	$(BIN)/python -m bngrade release

@@ -243,7 +243,7 @@ class NotebookChannel:
                 raise KernelStuck("the kernel did not answer the checker")
             try:
                 reply = self.kc.get_shell_msg(timeout=min(remaining, 1.0))
-            except Exception:  # noqa: BLE001 -- queue.Empty: keep waiting
+            except Exception:  # queue.Empty: keep waiting
                 self._check_alive()
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
@@ -277,7 +277,7 @@ class NotebookChannel:
         while time.monotonic() < deadline:
             try:
                 reply = self.kc.get_shell_msg(timeout=0.5)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 self._drain_iopub(msg_id)
@@ -332,7 +332,7 @@ class NotebookChannel:
             args = [self.decode(a) for a in reply.get("args", [])]
             kwargs = {str(k): self.decode(v) for k, v in reply.get("kwargs", {}).items()}
             return {"kind": "callback-result", "ok": self.encode(function(*args, **kwargs))}
-        except Exception as error:  # noqa: BLE001 -- reported to the notebook, then raised here
+        except Exception as error:  # reported to the notebook, then raised here
             self._callback_errors.append(error)
             return {"kind": "callback-result", "error": server.describe_error(error)}
 
@@ -397,7 +397,7 @@ class NotebookChannel:
         while True:
             try:
                 msg = self.kc.iopub_channel.get_msg(timeout=0)
-            except Exception:  # noqa: BLE001 -- queue.Empty: nothing more
+            except Exception:  # queue.Empty: nothing more
                 return
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue

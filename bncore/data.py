@@ -5,6 +5,7 @@ Every loader returns float64 NumPy arrays; convert with ``torch.as_tensor`` wher
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,8 @@ class Split:
     feature_names: tuple[str, ...]
 
 
-def _split(X, y, names, test_fraction, seed):
+def _split(X: np.ndarray, y: np.ndarray, names: Iterable[str], test_fraction: float,
+           seed: int) -> Split:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     order = np.random.default_rng(seed).permutation(len(X))

@@ -7,10 +7,12 @@ cores. Each function seeds its own generator: the same arguments give the same n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from bncore.data import Split
@@ -66,7 +68,8 @@ def small_cnn(channels: tuple[int, int] = (16, 32), n_classes: int = 10, bn: str
     return nn.Sequential(*layers)
 
 
-def as_tensors(split: Split, image: bool = False):
+def as_tensors(split: Split, image: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(X_train, y_train, X_test, y_test) as float32/int64 tensors.
 
     image=True reshapes X to (N, 1, 8, 8) for a conv net.
@@ -91,7 +94,8 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int = 60,
                      lr: float = 0.1, seed: int = 0, eval_every: int = 50, image: bool = False,
                      optimizer: str = "sgd",
-                     on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
+                     on_step: Callable[[int, nn.Module], None] | None = None
+                     ) -> dict[str, list[Any]]:
     """Train with cross-entropy on random mini-batches (sampled with replacement across steps).
 
     on_step(step, model) is called after every update, for recording activations.
@@ -103,7 +107,8 @@ def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int
     opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     loss_fn = nn.CrossEntropyLoss()
-    history = {"step": [0], "test_acc": [accuracy(model, X_test, y_test)], "train_loss": [np.nan]}
+    history: dict[str, list[Any]] = {"step": [0], "test_acc": [accuracy(model, X_test, y_test)],
+                                     "train_loss": [np.nan]}
     model.train()
     for step in range(1, steps + 1):
         idx = torch.randint(len(X_train), (batch_size,), generator=gen)
@@ -124,7 +129,7 @@ def placement_sweep(arch: str = "mlp", placements: tuple = (None, "before", "aft
                     seeds: tuple[int, ...] = (0, 1, 2, 3, 4), steps: int = 300, lr: float = 0.1,
                     activation: str = "relu", sizes: tuple[int, ...] = (64, 64, 64, 10),
                     channels: tuple[int, int] = (8, 16), eval_every: int = 100,
-                    split: Split | None = None) -> dict:
+                    split: Split | None = None) -> dict[str, Any]:
     """Train one net per (placement, seed) on digits and record its test accuracy.
 
     arch: "mlp" (:func:`mlp` with ``sizes``) or "cnn" (:func:`small_cnn` with ``channels``).
@@ -161,7 +166,7 @@ def placement_sweep(arch: str = "mlp", placements: tuple = (None, "before", "aft
             "test_acc": np.array(acc)}
 
 
-def seed_summary(values, axis: int = -1) -> dict:
+def seed_summary(values: ArrayLike, axis: int = -1) -> dict[str, np.ndarray]:
     """Mean, sample standard deviation (ddof=1), min and max over the seeds' axis."""
     values = np.asarray(values, dtype=float)
     return {"mean": values.mean(axis), "std": values.std(axis, ddof=1),
@@ -186,7 +191,7 @@ def gaussian_init_(model: nn.Module, std: float | None = None) -> nn.Module:
 
 
 @contextlib.contextmanager
-def state_preserved(model: nn.Module):
+def state_preserved(model: nn.Module) -> Iterator[nn.Module]:
     """Run a block that may change the model, then put it back exactly as it was: parameters,
     buffers (running statistics, num_batches_tracked), train/eval mode and torch's CPU random
     state. Parameters are restored in place, so an optimizer holding them keeps working."""
@@ -200,7 +205,8 @@ def state_preserved(model: nn.Module):
             model.train(was_training)
 
 
-def _capture_inputs(model: nn.Module, kind: type[nn.Module]):
+def _capture_inputs(model: nn.Module, kind: type[nn.Module]
+                    ) -> tuple[list[torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
     """Register forward hooks that append the input of every `kind` module to a list."""
     captured: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
@@ -257,7 +263,8 @@ class NoisyBatchNorm1d(nn.BatchNorm1d):
     BatchNorm1d. The draws use torch's global generator.
     """
 
-    def __init__(self, num_features: int, shift: float = 1.0, scale: float = 2.0, **kwargs):
+    def __init__(self, num_features: int, shift: float = 1.0, scale: float = 2.0,
+                 **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         if shift < 0 or scale < 1:
             raise ValueError(f"need shift >= 0 and scale >= 1, got {shift} and {scale}")
@@ -274,7 +281,7 @@ class NoisyBatchNorm1d(nn.BatchNorm1d):
 
 
 def gradient_predictiveness(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                            step_sizes, seed: int = 0) -> dict:
+                            step_sizes: Sequence[float], seed: int = 0) -> dict[str, Any]:
     """Move along the gradient and see how well it predicted the loss and itself.
 
     At the current parameters theta, with g = grad L(theta) for the mean cross-entropy on the
@@ -291,13 +298,13 @@ def gradient_predictiveness(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
     """
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_and_grad():
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
         torch.manual_seed(seed)
         loss = nn.functional.cross_entropy(model(X), y)
         grads = torch.autograd.grad(loss, params)
         return loss.item(), torch.cat([g.reshape(-1) for g in grads])
 
-    out = {"loss": [], "grad_change": []}
+    out: dict[str, Any] = {"loss": [], "grad_change": []}
     with state_preserved(model), torch.enable_grad():
         model.train(True)
         start = [p.detach().clone() for p in params]
@@ -322,7 +329,8 @@ def gradient_predictiveness(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
 def watch_training(model: nn.Module, split: Split, steps: int, every: int = 10,
                    lr: float = 0.1, seed: int = 0, eval_every: int = 50,
                    kind: type[nn.Module] = nn.Sigmoid,
-                   on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
+                   on_step: Callable[[int, nn.Module], None] | None = None
+                   ) -> dict[str, Any]:
     """:func:`train_classifier`, watching the input of every `kind` module (every sigmoid) on
     the test set at step 0 and every ``every`` steps (:func:`layer_inputs`, training behaviour).
 
@@ -335,7 +343,9 @@ def watch_training(model: nn.Module, split: Split, steps: int, every: int = 10,
     from bncore.tracking import ActivationTracker, drift
 
     X_probe = as_tensors(split)[2]
-    tracker, drifts, previous = ActivationTracker(), [], []
+    tracker = ActivationTracker()
+    drifts: list[list[float]] = []
+    previous: list[np.ndarray] = []
 
     def look(step: int, model: nn.Module) -> None:
         nonlocal previous
@@ -352,13 +362,13 @@ def watch_training(model: nn.Module, split: Split, steps: int, every: int = 10,
             on_step(step, model)
 
     look(0, model)
-    history = train_classifier(model, split, steps, lr=lr, seed=seed, eval_every=eval_every,
-                               on_step=each_step)
+    history: dict[str, Any] = dict(train_classifier(model, split, steps, lr=lr, seed=seed,
+                                                   eval_every=eval_every, on_step=each_step))
     history.update(tracker=tracker, drift=np.array(drifts), inputs=previous)
     return history
 
 
-def format_summary(values, decimals: int = 1) -> str:
+def format_summary(values: ArrayLike, decimals: int = 1) -> str:
     """'mean ± std [min, max]' over the seeds in ``values`` (1-D), as in the placement tables."""
     s = seed_summary(values)
     return (f"{s['mean']:.{decimals}f} ± {s['std']:.{decimals}f} "

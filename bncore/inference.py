@@ -16,18 +16,43 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def is_batch_norm(module: nn.Module) -> bool:
+class BatchNormLayer(Protocol):
+    """What these helpers use of a batch-norm layer: torch's ``nn.BatchNorm1d``/``2d`` and the
+    drop-ins of ``bncore.torch`` both have it. Buffers and parameters have shape (C,)."""
+
+    training: bool
+    num_features: int
+    eps: float
+    momentum: float | None
+
+    @property
+    def running_mean(self) -> torch.Tensor | None: ...
+
+    @property
+    def running_var(self) -> torch.Tensor | None: ...
+
+    @property
+    def weight(self) -> torch.Tensor | None: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+    def reset_running_stats(self) -> None: ...
+
+
+def is_batch_norm(module: nn.Module) -> TypeGuard[BatchNormLayer]:
     """True for a batch-norm layer with running statistics (torch's or a drop-in)."""
     return all(hasattr(module, name) for name in ("running_mean", "running_var", "momentum"))
 
 
-def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
+def batch_norm_layers(model: nn.Module) -> list[BatchNormLayer]:
     """Every batch-norm layer of ``model``, in order."""
     return [m for m in model.modules() if is_batch_norm(m)]
 
@@ -60,12 +85,14 @@ def predict_train_mode(model: nn.Module, X: torch.Tensor, batch_size: int,
         if out is None:
             out = y.new_empty((len(X),) + y.shape[1:])
         out[idx] = y
+    if out is None:
+        raise ValueError(f"X holds no example (shape {tuple(X.shape)})")
     return out
 
 
 @torch.no_grad()
 def mode_gap(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int,
-             repeats: int = 3, seed: int = 0) -> dict:
+             repeats: int = 3, seed: int = 0) -> dict[str, float]:
     """Accuracy and cross-entropy of ``model`` in training mode (batch statistics, batches of
     ``batch_size``, averaged over ``repeats`` random splits into batches) and in eval mode
     (running statistics). ``gap`` is train-mode accuracy minus eval-mode accuracy."""
@@ -120,46 +147,80 @@ class KerasMomentumBatchNorm1d(nn.BatchNorm1d):
     estimate, eps, the outputs) is torch's, so the two layers differ only in that convention.
     """
 
-    def __init__(self, num_features: int, momentum: float = 0.99, **kwargs):
+    momentum: float
+
+    def __init__(self, num_features: int, momentum: float = 0.99, **kwargs: Any) -> None:
+        if momentum is None:
+            raise ValueError("momentum must be a number in [0, 1] (Keras's convention has no "
+                             "cumulative average), got None")
         super().__init__(num_features, momentum=momentum, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        self._check_input_dim(x)  # (N, C) or (N, C, L), before any state changes
         out = F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        if self.running_mean is None or self.running_var is None:  # track_running_stats=False
+            return out
         with torch.no_grad():
-            mean, var = x.mean(0), x.var(0, unbiased=True)
+            dims = [0, *range(2, x.dim())]  # every axis but the channel axis 1
+            mean, var = x.mean(dims), x.var(dims, unbiased=True)
             self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean)
             self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var)
-            self.num_batches_tracked += 1
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked += 1
         return out
 
 
+def _stats_to_fold(layer: nn.Linear | nn.Conv2d,
+                   bn: BatchNormLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn``'s running mean and variance, (C,) each, after checking that ``bn`` can be folded
+    into ``layer``: ValueError unless ``bn`` is in eval mode, has running statistics and as many
+    channels as ``layer`` has outputs (the checks of bncore.numpy.fold_batch_norm)."""
+    if bn.training:
+        raise ValueError("fold_bn needs an eval-mode BN: call bn.eval() first (in training "
+                         "mode it normalizes with each batch's statistics)")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BN without running statistics "
+                         "(track_running_stats=False normalizes with batch statistics)")
+    if not bn.eps > 0:
+        raise ValueError(f"eps must be > 0, got {bn.eps!r}")
+    weight = layer.weight
+    if weight.dim() < 2 or weight.shape[0] != bn.num_features:
+        raise ValueError(f"the layer's weight of shape {tuple(weight.shape)} has "
+                         f"{weight.shape[0]} output channels; the BN has "
+                         f"num_features={bn.num_features}")
+    return bn.running_mean, bn.running_var
+
+
 @torch.no_grad()
-def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def fold_bn(layer: nn.Linear | nn.Conv2d, bn: BatchNormLayer) -> nn.Linear | nn.Conv2d:
     """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows it
     folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel) and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    mean, var = _stats_to_fold(layer, bn)  # ValueError for a BN that cannot be folded
+    scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     folded = copy.deepcopy(layer)
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(mean)
     folded.weight.copy_(layer.weight * scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
-    folded.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
+    folded.bias = nn.Parameter((bias - mean) * scale + shift)
     return folded
 
 
 def fold_model(model: nn.Sequential) -> nn.Sequential:
-    """A copy of ``model`` for inference, with every BN that directly follows a Linear or
-    Conv2d folded into it (the BN disappears). Other layers are copied as they are."""
+    """A copy of ``model`` for inference (in eval mode), with every BN that directly follows a
+    Linear or Conv2d folded into it (the BN disappears). Other layers are copied as they are.
+    Each BN is folded as it acts in eval mode, whatever mode ``model`` is in; ``model`` itself
+    is left untouched."""
     layers: list[nn.Module] = []
-    for module in model:
+    for module in copy.deepcopy(model).eval():
         if is_batch_norm(module) and layers and isinstance(layers[-1], (nn.Linear, nn.Conv2d)):
             layers[-1] = fold_bn(layers[-1], module)
         else:
-            layers.append(copy.deepcopy(module))
+            layers.append(module)
     return nn.Sequential(*layers).eval()
 
 
@@ -167,15 +228,21 @@ def fold_model(model: nn.Sequential) -> nn.Sequential:
 def time_forward(model: nn.Module, X: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
     """Best (smallest) wall-clock seconds of one eval-mode forward pass of ``model`` on X.
 
-    The minimum, not the mean: on a shared machine other work only ever adds time."""
+    The minimum, not the mean: on a shared machine other work only ever adds time. The model's
+    mode (training or eval, module by module) is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    for _ in range(warmup):
-        model(X)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(X)
-        best = min(best, time.perf_counter() - start)
+    try:
+        for _ in range(warmup):
+            model(X)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(X)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        for module, training in modes:
+            module.training = training
     return best
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,8 @@ class SigmoidMLP:
         (h,) = self._cache[-1]
         grads_W, grads_b = [h.T @ dout], [dout.sum(0)]
         dh = dout @ self.W[-1].T
-        grads_gamma, grads_beta = [], []
+        grads_gamma: list[np.ndarray] = []
+        grads_beta: list[np.ndarray] = []
         for l in reversed(range(self.n_hidden)):
             h_in, xhat, _, var = self._cache[l]
             s = sigmoid(self.z[l])
@@ -136,7 +138,7 @@ def train(net: SigmoidMLP, X: np.ndarray, y: np.ndarray, steps: int, batch_size:
     return losses
 
 
-def _one_blas_thread():
+def _one_blas_thread() -> contextlib.AbstractContextManager[Any]:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # threadpoolctl comes with scikit-learn; without it, change nothing

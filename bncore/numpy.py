@@ -42,8 +42,11 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "BatchNorm",
@@ -58,16 +61,19 @@ __all__ = [
     "rel_error",
 ]
 
+# What batch_norm_forward hands to batch_norm_backward: a dict of arrays and flags (see _normalize).
+Cache = dict[str, Any]
+
 
 # --- checks and shape helpers ------------------------------------------------------------
 
 
-def _check_eps(eps):
+def _check_eps(eps: float) -> None:
     if not eps > 0:  # written this way round so that NaN is rejected too
         raise ValueError(f"eps must be > 0 (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
 
 
-def _check_momentum(momentum):
+def _check_momentum(momentum: float) -> None:
     if not 0 <= momentum <= 1:
         raise ValueError(
             "momentum must lie in [0, 1] (PyTorch's convention: the weight of the new batch "
@@ -75,7 +81,7 @@ def _check_momentum(momentum):
         )
 
 
-def _check_input(x, num_channels=None, against=""):
+def _check_input(x: ArrayLike, num_channels: int | None = None, against: str = "") -> np.ndarray:
     """Return x as an array: floating point, 2-, 3- or 4-d, with num_channels on axis 1."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
@@ -92,7 +98,7 @@ def _check_input(x, num_channels=None, against=""):
     return x
 
 
-def _check_per_channel(name, v, x):
+def _check_per_channel(name: str, v: ArrayLike | None, x: np.ndarray) -> np.ndarray | None:
     """Return v as a (C,) array, or None; C is the channel count of x."""
     if v is None:
         return None
@@ -105,12 +111,12 @@ def _check_per_channel(name, v, x):
     return v
 
 
-def _values_per_channel(shape):
+def _values_per_channel(shape: tuple[int, ...]) -> int:
     """m = N * L (or N * H * W): how many values each channel's statistics average over."""
     return shape[0] * math.prod(shape[2:])
 
 
-def _check_batch_size(x):
+def _check_batch_size(x: np.ndarray) -> None:
     if _values_per_channel(x.shape) == 1:
         # a single value has variance 0: x_hat would be 0 whatever x is, and no gradient flows
         raise ValueError(
@@ -118,17 +124,17 @@ def _check_batch_size(x):
         )
 
 
-def _axes(ndim):
+def _axes(ndim: int) -> tuple[int, ...]:
     """Every axis but the channel axis 1."""
     return (0, *range(2, ndim))
 
 
-def _channel(v, ndim):
+def _channel(v: np.ndarray, ndim: int) -> np.ndarray:
     """Reshape a (C,) vector so that it broadcasts along axis 1 of an ndim-d array."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _compute_dtype(dtype):
+def _compute_dtype(dtype: DTypeLike) -> np.dtype:
     """Elementwise work runs in the input's precision, but at least float32."""
     return np.promote_types(dtype, np.float32)
 
@@ -136,7 +142,7 @@ def _compute_dtype(dtype):
 # --- the functions -----------------------------------------------------------------------
 
 
-def _batch_stats(x):
+def _batch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance of x, both (C,) float64.
 
     Two passes: the mean first, then the mean of squared deviations. The one-pass
@@ -153,7 +159,9 @@ def _batch_stats(x):
     return mean, var
 
 
-def _normalize(x, mean, var, gamma, beta, eps, batch_stats):
+def _normalize(x: np.ndarray, mean: ArrayLike, var: ArrayLike, gamma: np.ndarray | None,
+               beta: np.ndarray | None, eps: float,
+               batch_stats: bool) -> tuple[np.ndarray, Cache]:
     """y = gamma * (x - mean) / sqrt(var + eps) + beta, and the cache for the backward pass."""
     ct = _compute_dtype(x.dtype)
     inv_std = (1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)).astype(ct)
@@ -180,7 +188,8 @@ def _normalize(x, mean, var, gamma, beta, eps, batch_stats):
     return y.astype(x.dtype, copy=False), cache
 
 
-def batch_norm_forward(x, gamma, beta, eps=1e-5):
+def batch_norm_forward(x: ArrayLike, gamma: ArrayLike | None, beta: ArrayLike | None,
+                       eps: float = 1e-5) -> tuple[np.ndarray, Cache]:
     """Training-mode batch normalization: normalize with the statistics of this batch.
 
         mu_c = mean of x over every axis but 1,   var_c = mean of (x - mu_c)**2   (biased)
@@ -210,7 +219,9 @@ def batch_norm_forward(x, gamma, beta, eps=1e-5):
     return _normalize(x, mean, var, gamma, beta, eps, batch_stats=True)
 
 
-def batch_norm_backward(dy, cache):
+def batch_norm_backward(
+    dy: ArrayLike, cache: Cache
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Backward pass of batch normalization, in one pass over the per-channel reductions.
 
     With m values per channel and the sums taken over every axis but 1,
@@ -254,7 +265,9 @@ def batch_norm_backward(dy, cache):
     return dx.astype(cache["dtype"], copy=False), dgamma, dbeta
 
 
-def batch_norm_inference(x, running_mean, running_var, gamma, beta, eps=1e-5):
+def batch_norm_inference(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike,
+                         gamma: ArrayLike | None, beta: ArrayLike | None,
+                         eps: float = 1e-5) -> np.ndarray:
     """Eval-mode batch normalization: normalize with fixed (running) statistics.
 
         y = gamma_c * (x - running_mean_c) / sqrt(running_var_c + eps) + beta_c
@@ -272,17 +285,16 @@ def batch_norm_inference(x, running_mean, running_var, gamma, beta, eps=1e-5):
     """
     _check_eps(eps)
     x = _check_input(x)
-    running_mean = _check_per_channel("running_mean", running_mean, x)
-    running_var = _check_per_channel("running_var", running_var, x)
-    if running_mean is None or running_var is None:
+    mean = _check_per_channel("running_mean", running_mean, x)
+    var = _check_per_channel("running_var", running_var, x)
+    if mean is None or var is None:
         raise ValueError("batch_norm_inference needs running_mean and running_var, got None")
-    gamma = _check_per_channel("gamma", gamma, x)
-    beta = _check_per_channel("beta", beta, x)
-    y, _ = _normalize(x, running_mean, running_var, gamma, beta, eps, batch_stats=False)
+    y, _ = _normalize(x, mean, var, _check_per_channel("gamma", gamma, x),
+                      _check_per_channel("beta", beta, x), eps, batch_stats=False)
     return y
 
 
-def ema_update(running, batch_stat, momentum):
+def ema_update(running: ArrayLike, batch_stat: ArrayLike, momentum: float) -> np.ndarray:
     """One step of PyTorch's exponential moving average of a statistic.
 
         new_running = (1 - momentum) * running + momentum * batch_stat
@@ -337,8 +349,18 @@ class BatchNorm:
     Any bad input raises before the layer changes.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, bias=True):
+    gamma: np.ndarray | None  # (C,)
+    beta: np.ndarray | None  # (C,)
+    running_mean: np.ndarray | None  # (C,)
+    running_var: np.ndarray | None  # (C,)
+    num_batches_tracked: int | None
+    dgamma: np.ndarray | None  # (C,), after backward
+    dbeta: np.ndarray | None  # (C,), after backward
+    _cache: Cache | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 bias: bool = True) -> None:
         num_features = operator.index(num_features)
         if num_features < 0:
             raise ValueError(f"num_features must be >= 0, got {num_features}")
@@ -362,23 +384,23 @@ class BatchNorm:
         self.training = True
         self._cache = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats})"
         )
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         return self.train(False)
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> np.ndarray:
         return self.forward(x)
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> np.ndarray:
         """Normalize x of shape (N, C, ...); in training mode, also update the running stats."""
         # Every check comes before any change, so rejected input leaves the layer as it was.
         _check_eps(self.eps)
@@ -391,6 +413,8 @@ class BatchNorm:
         else:
             mean = _check_per_channel("running_mean", self.running_mean, x)
             var = _check_per_channel("running_var", self.running_var, x)
+            if mean is None or var is None:
+                raise ValueError("eval mode needs running_var as well as running_mean, got None")
             gamma = _check_per_channel("gamma", self.gamma, x)
             beta = _check_per_channel("beta", self.beta, x)
             y, cache = _normalize(x, mean, var, gamma, beta, self.eps, batch_stats=False)
@@ -399,7 +423,10 @@ class BatchNorm:
         self._cache = cache
         return y
 
-    def _update_running_stats(self, mean, var, m):
+    def _update_running_stats(self, mean: np.ndarray, var: np.ndarray, m: int) -> None:
+        # track_running_stats: the buffers exist
+        assert self.num_batches_tracked is not None
+        assert self.running_mean is not None and self.running_var is not None
         if m == 0:  # as torch: an empty batch counts, but has no statistics to average
             self.num_batches_tracked += 1
             return
@@ -423,7 +450,7 @@ class BatchNorm:
         self.running_var = ema_update(self.running_var, var_unbiased, factor).astype(
             np.asarray(self.running_var).dtype)
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> np.ndarray:
         """Return dx for upstream dy (shaped like the last forward's input); set dgamma, dbeta."""
         if self._cache is None:
             raise RuntimeError("BatchNorm.backward needs a forward pass first")
@@ -434,7 +461,8 @@ class BatchNorm:
 # --- deployment: folding into the previous layer -----------------------------------------
 
 
-def fold_batch_norm(weight, bias, bn):
+def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None,
+                    bn: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
     """Fold an eval-mode BatchNorm into the Linear or Conv layer just before it.
 
     Eval-mode BN is a fixed per-channel affine map, so it merges into the layer's weights:
@@ -506,7 +534,7 @@ class Standardizer:
     become float64, NaNs are ignored by fit and kept by transform, inf is rejected.
     """
 
-    def _check(self, X, fitted):
+    def _check(self, X: ArrayLike, fitted: bool) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim != 2:
             raise ValueError(
@@ -530,7 +558,7 @@ class Standardizer:
             raise ValueError(f"cannot fit on 0 samples (X has shape {X.shape})")
         return X
 
-    def fit(self, X):
+    def fit(self, X: ArrayLike) -> Standardizer:
         X = self._check(X, fitted=False)
         mean = np.nanmean(X, axis=0, dtype=np.float64)
         # a feature whose values are all equal gets that value as its mean, exactly, so that
@@ -548,14 +576,14 @@ class Standardizer:
         self.n_samples_seen_ = int(n[0]) if (n == n[0]).all() else n
         return self
 
-    def transform(self, X):
+    def transform(self, X: ArrayLike) -> np.ndarray:
         X = self._check(X, fitted=True)
         return ((X - self.mean_) / self.scale_).astype(X.dtype, copy=False)
 
-    def fit_transform(self, X):
+    def fit_transform(self, X: ArrayLike) -> np.ndarray:
         return self.fit(X).transform(X)
 
-    def inverse_transform(self, X):
+    def inverse_transform(self, X: ArrayLike) -> np.ndarray:
         X = self._check(X, fitted=True)
         return (X * self.scale_ + self.mean_).astype(X.dtype, copy=False)
 
@@ -563,7 +591,8 @@ class Standardizer:
 # --- gradient checking -------------------------------------------------------------------
 
 
-def numerical_gradient(f, x, dy, h=1e-5):
+def numerical_gradient(f: Callable[[np.ndarray], ArrayLike], x: np.ndarray, dy: ArrayLike,
+                       h: float = 1e-5) -> np.ndarray:
     """Numerical gradient of sum(f(x) * dy) with respect to x, by central differences.
 
         dx[i] = (L(x + h e_i) - L(x - h e_i)) / (2h),   L(x) = sum(f(x) * dy)
@@ -597,7 +626,7 @@ def numerical_gradient(f, x, dy, h=1e-5):
     return grad
 
 
-def rel_error(a, b):
+def rel_error(a: ArrayLike, b: ArrayLike) -> float:
     """Largest elementwise relative error, max |a - b| / max(1e-8, |a| + |b|) (CS231n's).
 
     In float64 a correct gradient gives about 1e-7 or less; 1e-2 and up means a bug.

@@ -14,6 +14,7 @@ Shapes: N examples, D parameters (features, plus one if an intercept column is a
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def add_intercept(X: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ def gradient_descent(H: np.ndarray, g: np.ndarray, lr: float, steps: int,
     return path
 
 
-def excess_loss(H: np.ndarray, g: np.ndarray, lr: float, steps,
+def excess_loss(H: np.ndarray, g: np.ndarray, lr: float, steps: ArrayLike,
                 w0: np.ndarray | None = None) -> np.ndarray:
     """L(w_t) - L(w*) after t gradient-descent steps, in closed form, for every t in ``steps``.
 
@@ -87,7 +88,7 @@ def excess_loss(H: np.ndarray, g: np.ndarray, lr: float, steps,
         return 0.5 * np.sum(lam * e**2 * np.abs(1.0 - lr * lam) ** (2 * t), axis=-1)
 
 
-def iterates(H: np.ndarray, g: np.ndarray, lr: float, steps,
+def iterates(H: np.ndarray, g: np.ndarray, lr: float, steps: ArrayLike,
              w0: np.ndarray | None = None) -> np.ndarray:
     """The gradient-descent iterate w_t in closed form, for every t in ``steps`` (shape (T,)).
 
@@ -113,8 +114,8 @@ def steps_to_tolerance(H: np.ndarray, g: np.ndarray, lr: float, tol: float,
     """
     gap0 = excess_loss(H, g, lr, 0, w0)
 
-    def done(t):
-        return excess_loss(H, g, lr, t, w0) <= tol * gap0
+    def done(t: int) -> bool:
+        return bool(excess_loss(H, g, lr, t, w0) <= tol * gap0)
 
     if done(0):
         return 0

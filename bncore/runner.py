@@ -245,7 +245,7 @@ class TestCells:
         """Run the set-up cell here too (its prints belong to the kernel's run)."""
         code = _compile(source, "<set-up cell>")
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            exec(code, self.namespace)  # noqa: S102 -- the course's own locked cell
+            exec(code, self.namespace)  # the course's own locked cell
 
     def run(self, cell) -> list[dict]:
         """Run one test cell; its outputs (nbformat dicts)."""
@@ -262,12 +262,12 @@ class TestCells:
                 for part, source in parts:
                     filename = f"<test {name}>" if part == "visible" else f"<hidden {name}>"
                     try:
-                        exec(_compile(source, filename), self.namespace)  # noqa: S102
+                        exec(_compile(source, filename), self.namespace)
                     except (KernelStuck, ChannelError) as failure:
                         if not isinstance(failure, KernelTimeout):
                             raise
                         error = _error_output("CellTimeoutError", str(failure), [])
-                    except Exception as failure:  # noqa: BLE001 -- a failed test
+                    except Exception as failure:  # a failed test
                         error = _describe(failure, filename, hidden=part == "hidden")
                     if error is not None:
                         if part == "visible":

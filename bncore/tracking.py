@@ -23,10 +23,14 @@ not examples: shuffling ``b``'s rows does not change it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bncore.nets import SigmoidMLP, accuracy, sigmoid, train
+
+if TYPE_CHECKING:
+    from bncore.data import Split
 
 __all__ = ["QUANTILES", "SATURATION", "ActivationTracker", "SigmoidMLP", "accuracy", "drift",
            "median_movement", "percentiles", "saturation_fraction", "sigmoid", "track_training",
@@ -95,8 +99,8 @@ class ActivationTracker:
         return np.array(self.steps), np.stack([r[layer] for r in self._records])
 
 
-def track_training(net: SigmoidMLP, data, steps: int, every: int = 10, lr: float = 0.5,
-                   seed: int = 0) -> dict:
+def track_training(net: SigmoidMLP, data: Split, steps: int, every: int = 10, lr: float = 0.5,
+                   seed: int = 0) -> dict[str, Any]:
     """Train net on data (a bncore.data.Split) and watch its sigmoid inputs on the test set.
 
     Training: ``train(net, data.X_train, data.y_train, steps, lr=lr, seed=seed, on_step=...)``.

@@ -1,7 +1,26 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files, and the markers and time limits set by file or kind."""
 
 import numpy as np
 import pytest
+
+# Test files that run nbgrader, notebook kernels or the grading sandbox. Their tests are marked
+# `grading`, so that `make test-fast` (-m "not slow and not grading") runs bncore's unit tests
+# only: no book build, no nbgrader, no browser.
+GRADING_TEST_FILES = {"test_grading.py", "test_autograde.py", "test_hostile.py",
+                      "test_selfcheck.py", "test_exercises_in_sync.py"}
+
+# pytest-timeout's limit for a test marked slow (a book build, a class autograded), in seconds;
+# every other test has the `timeout` of pyproject.toml. An explicit
+# @pytest.mark.timeout(seconds) on a test wins over both.
+SLOW_TIMEOUT = 1200
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in GRADING_TEST_FILES:
+            item.add_marker(pytest.mark.grading)
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
 
 @pytest.fixture
@@ -14,40 +33,29 @@ def rng():
 def built_book(tmp_path_factory):
     """The book built once per test session, strict, every page executed: its html dir.
 
-    Runs `jupyter-book build -W -n --keep-going` into a temporary --path-output, then
-    book/_ext/check_offline.py on the result. The build starts from an empty execution cache,
-    so every notebook page is executed (test_book.py reads the build log, build.log beside
-    _build/, to check it). It runs in the local `cache` mode, CI removed from the environment
-    (with CI set, book/_ext/bn_book.py executes in "force" mode, which fills no cache): the
-    cache test in test_book.py then rebuilds from this build's cache instead of executing the
-    book twice more. Set BN_BUILT_BOOK=<path to _build/html> to test an existing build instead
+    Runs test_book.build_book (`jupyter-book build -W -n --keep-going`) into a temporary
+    --path-output, then book/_ext/check_offline.py on the result. The build starts from an
+    empty execution cache, so every notebook page is executed (test_book.py reads the build
+    log, build.log beside _build/, to check it). It runs in the local `cache` mode: the cache
+    test in test_book.py then rebuilds from this build's cache instead of executing the book
+    twice more. Set BN_BUILT_BOOK=<path to _build/html> to test an existing build instead
     (for working on the tests; CI never sets it).
     """
     import os
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
+    from test_book import build_book
+
     root = Path(__file__).resolve().parents[1]
-    bindir = Path(sys.executable).parent
     if os.environ.get("BN_BUILT_BOOK"):
         html = Path(os.environ["BN_BUILT_BOOK"]).resolve()
         assert (html / "index.html").is_file(), f"BN_BUILT_BOOK={html} holds no built book"
         return html
     out = tmp_path_factory.mktemp("book")
-    log = out / "build.log"
-    cmd = [str(bindir / "jupyter-book"), "build", "-W", "-n", "--keep-going",
-           "--path-output", str(out), "."]
-    env = {key: value for key, value in os.environ.items() if key != "CI"}
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        build = subprocess.run(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                               timeout=3600)
-    (out / "build.seconds").write_text(f"{time.perf_counter() - start:.1f}")
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
-    assert build.returncode == 0, (
-        f"the strict book build failed (exit {build.returncode}); end of {log}:\n{tail}")
+    seconds = build_book(out, out / "build.log")
+    (out / "build.seconds").write_text(f"{seconds:.1f}")
     html = out / "_build" / "html"
     check = subprocess.run([sys.executable, "book/_ext/check_offline.py", str(html)], cwd=root,
                            capture_output=True, text=True)

@@ -127,6 +127,28 @@ def is_remote(url: str) -> bool:
     return urlsplit(url).scheme in {"http", "https"} or url.startswith("//")
 
 
+def build_book(out: Path, log: Path) -> float:
+    """`jupyter-book build -W -n --keep-going --path-output out .`, strict, its output in log;
+    fails with the end of the log unless the build succeeds. Returns the seconds it took.
+
+    The build runs in the local `cache` mode, CI removed from the environment (with CI set,
+    book/_ext/bn_book.py executes in "force" mode, which fills no execution cache). The one
+    place the tests spell out the build command: the built_book fixture and the cache test
+    both call it."""
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", "-W", "-n",
+           "--keep-going", "--path-output", str(out), "."]
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                timeout=3600)
+    seconds = time.perf_counter() - start
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+    assert result.returncode == 0, (
+        f"the strict book build failed (exit {result.returncode}); end of {log}:\n{tail}")
+    return seconds
+
+
 PAGES = toc_pages()
 CHAPTERS = toc_chapters()
 NOTEBOOKS = [doc for doc in PAGES if is_notebook(doc)]
@@ -290,19 +312,6 @@ def test_logo_favicon_and_canonical_urls(built_book):
 
 # ---------------------------------------------------------------- the execution cache
 
-def _build(out: Path, log: Path) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "CI"}   # CI would force execution
-    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", "-W", "-n",
-           "--keep-going", "--path-output", str(out), "."]
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=3600)
-    seconds = time.perf_counter() - start
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    assert result.returncode == 0, f"the build failed (exit {result.returncode}):\n{tail}"
-    return seconds
-
 
 def executed(log: Path) -> list[str]:
     return re.findall(r"^(\S+): Executing notebook", log.read_text(errors="replace"), re.M)
@@ -325,7 +334,7 @@ def test_clean_rebuild_with_warm_cache_executes_nothing(built_book, tmp_path):
     shutil.copytree(build / ".jupyter_cache", tmp_path / "_build" / ".jupyter_cache")
     seconds = build.parent / "build.seconds"    # the fixture's build time
     first = seconds.read_text() if seconds.is_file() else "?"
-    second = _build(tmp_path, tmp_path / "second.log")
+    second = build_book(tmp_path, tmp_path / "second.log")
     assert not executed(tmp_path / "second.log"), (
         f"the rebuild re-executed {executed(tmp_path / 'second.log')} though nothing changed")
     print(f"\nclean build {first} s; rebuild with a warm cache {second:.0f} s")

@@ -137,3 +137,86 @@ def test_helpers_work_with_bncore_torch_drop_ins():
     assert not inf.batch_norm_layers(folded)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (8, 4, 5)])
+def test_keras_momentum_handles_n_c_and_n_c_l_input(shape):
+    """Statistics over every axis but 1, as nn.BatchNorm1d: (N, C) and (N, C, L) alike."""
+    torch.manual_seed(9)
+    keras = inf.KerasMomentumBatchNorm1d(4, momentum=0.9)
+    torch_bn = nn.BatchNorm1d(4, momentum=0.1)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(keras(x), torch_bn(x))
+    torch.testing.assert_close(keras.running_mean, torch_bn.running_mean)
+    torch.testing.assert_close(keras.running_var, torch_bn.running_var)
+
+
+def test_keras_momentum_without_running_statistics_uses_batch_statistics():
+    torch.manual_seed(11)
+    keras = inf.KerasMomentumBatchNorm1d(4, track_running_stats=False)
+    torch_bn = nn.BatchNorm1d(4, track_running_stats=False)
+    x = torch.randn(8, 4) * 2 + 1
+    torch.testing.assert_close(keras(x), torch_bn(x))
+    torch.testing.assert_close(keras.eval()(x), torch_bn.eval()(x))
+
+
+def test_keras_momentum_rejects_momentum_none():
+    with pytest.raises(ValueError, match="momentum"):
+        inf.KerasMomentumBatchNorm1d(4, momentum=None)
+
+
+def test_keras_momentum_rejects_a_wrong_shape_before_changing_state():
+    keras = inf.KerasMomentumBatchNorm1d(4)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        keras(torch.randn(8, 4, 2, 2))
+    assert keras.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_time_forward_restores_the_mode(training):
+    model = ex.mlp([8, 16, 3], bn="before").train(training)
+    inf.time_forward(model, torch.randn(4, 8), repeats=2, warmup=1)
+    assert model.training is training
+    assert all(m.training is training for m in model.modules())
+    inf.time_forward_pair(model, copy.deepcopy(model), torch.randn(4, 8), repeats=2, rounds=1)
+    assert all(m.training is training for m in model.modules())
+
+
+def test_time_forward_restores_mixed_modes():
+    model = ex.mlp([8, 16, 3], bn="before").train()
+    model[1].eval()  # a frozen BN inside a training model
+    inf.time_forward(model, torch.randn(4, 8), repeats=2, warmup=1)
+    assert [m.training for m in model] == [True, False, True, True]
+
+
+def test_fold_bn_rejects_a_training_mode_bn():
+    linear, bn = nn.Linear(5, 4), _trained_bn(nn.BatchNorm1d(4)).train()
+    with pytest.raises(ValueError, match="eval"):
+        inf.fold_bn(linear, bn)
+
+
+def test_fold_bn_rejects_a_bn_without_running_statistics():
+    linear, bn = nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="running statistics"):
+        inf.fold_bn(linear, bn)
+
+
+def test_fold_bn_rejects_a_channel_count_that_does_not_match():
+    linear, bn = nn.Linear(5, 3), _trained_bn(nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"\(3, 5\).*num_features=4"):
+        inf.fold_bn(linear, bn)
+
+
+def test_fold_model_folds_the_eval_mode_bn_of_a_training_mode_model():
+    """fold_model builds the inference model: it folds each BN as it acts in eval mode, whatever
+    mode the model is in, and leaves the model's mode alone."""
+    torch.manual_seed(10)
+    model = ex.mlp([8, 16, 3], bn="before")
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        model(x)
+    folded = inf.fold_model(model)
+    assert model.training and not folded.training
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), copy.deepcopy(model).eval()(x))

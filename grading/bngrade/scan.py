@@ -203,7 +203,7 @@ def scan_submission(notebook_path, *, release=None) -> list[str]:
         found.append(f"old notebook format (nbformat {raw.get('nbformat')})")
     try:
         nb = nbformat.reads(json.dumps(raw), as_version=4)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         return found + [f"not a readable notebook ({str(error)[:80]})"]
 
     for entry in sorted(folder.iterdir()):

@@ -130,7 +130,7 @@ def compare(assignment: str, submissions: dict[str, Path], *, release: Path | No
     for student, path in sorted(submissions.items()):
         try:
             answers = answers_of(path)
-        except Exception:  # noqa: BLE001 -- an unreadable notebook has no answers to compare
+        except Exception:  # an unreadable notebook has no answers to compare
             continue
         for cell, source in answers.items():
             tokens = normalized_tokens(source)
