@@ -3,12 +3,6 @@
 import numpy as np
 import pytest
 
-# Test files that run nbgrader, notebook kernels or the grading sandbox. Their tests are marked
-# `grading`, so that `make test-fast` (-m "not slow and not grading") runs bncore's unit tests
-# only: no book build, no nbgrader, no browser.
-GRADING_TEST_FILES = {"test_grading.py", "test_autograde.py", "test_hostile.py",
-                      "test_selfcheck.py", "test_exercises_in_sync.py"}
-
 # pytest-timeout's limit for a test marked slow (a book build, a class autograded), in seconds;
 # every other test has the `timeout` of pyproject.toml. An explicit
 # @pytest.mark.timeout(seconds) on a test wins over both.
@@ -17,8 +11,6 @@ SLOW_TIMEOUT = 1200
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.path.name in GRADING_TEST_FILES:
-            item.add_marker(pytest.mark.grading)
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
 
@@ -46,7 +38,7 @@ def built_book(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from test_book import build_book
+    from tests.test_book import build_book
 
     root = Path(__file__).resolve().parents[1]
     if os.environ.get("BN_BUILT_BOOK"):

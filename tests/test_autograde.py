@@ -27,6 +27,9 @@ from bngrade.scan import scan_submission
 from bngrade.submissions import autograded_points, group_one, points, submission_kinds
 from tests.course import COURSE_ID, ROOT
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 ASSIGNMENT = "ch3-forward-backward"
 NAME = f"{ASSIGNMENT}.ipynb"
 KINDS = {"ada": "full", "bob": "partial", "cyd": "untouched",

@@ -14,6 +14,9 @@ from bngrade.canary import CanaryResult
 from bngrade.submissions import is_code_answer, model_answer
 from tests.course import ASSIGNMENTS, ROOT
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 # --- the ledger of python -m bngrade.autograde -----------------------------------------------
 
 

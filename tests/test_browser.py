@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urldefrag, urlsplit
 
 import pytest
-from test_book import (
+from tests.test_book import (
     CHAPTERS,
     NOTEBOOKS,
     PAGES,

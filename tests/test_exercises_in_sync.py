@@ -20,6 +20,9 @@ from bncore import bootstrap
 from bngrade import release
 from tests.course import ASSIGNMENTS, ROOT
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 
 def files(folder: Path) -> set[str]:
     if not folder.exists():

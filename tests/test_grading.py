@@ -57,6 +57,9 @@ from bngrade.submissions import (
 )
 from tests.course import ASSIGNMENTS, COURSE_ID, ROOT, hidden_lines, nbgrader, visible_text
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 # Answers that call bncore instead of computing, by assignment and answer cell (grade_id):
 # directly, through an alias, and through a second copy of the module loaded from its file.
 CHEATS = {

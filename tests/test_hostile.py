@@ -58,6 +58,9 @@ from tests.course import (
 from tests.hostile.alternatives import ALTERNATIVES
 from tests.hostile.cases import ALL, ASSIGNMENT, NOTEBOOK, Kit, cases, expected_score
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 TIMEOUT = 10  # seconds per cell: the infinite loops cost this much each
 MEMORY = 2**30  # the kernels' address space for this class
 

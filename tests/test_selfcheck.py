@@ -24,6 +24,9 @@ from bncore.runner import is_test_cell, nbgrader_meta
 from bngrade.submissions import group_one, model_submission, points, submission_kinds
 from tests.course import ROOT
 
+# nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
+pytestmark = pytest.mark.grading
+
 ASSIGNMENT = "ch3-forward-backward"
 NAME = f"{ASSIGNMENT}.ipynb"
 RENAMED = f"{ASSIGNMENT} (1).ipynb"  # what a browser saves on a second download
