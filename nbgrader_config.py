@@ -32,6 +32,8 @@ from nbgrader.preprocessors import (
     SaveAutoGrades,
 )
 
+from bngrade.asserts import SECRET_ENV
+from bngrade.course import course_secret
 from bngrade.execute import GradingExecute
 from bngrade.feedback import HideHiddenTests
 from bngrade.report import StoreGradingReport
@@ -45,6 +47,9 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 
 # The course root is this file's folder, wherever nbgrader is started from.
 c.CourseDirectory.root = os.path.dirname(os.path.abspath(__file__))
+# The hidden tests draw their inputs with this course's secret (.grading/secret, made once),
+# so the published solutions do not give them away. The students' kernels never see it.
+os.environ.setdefault(SECRET_ENV, course_secret(c.CourseDirectory.root))
 c.CourseDirectory.course_id = "batchnorm-course"
 c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "exercises"

@@ -1,7 +1,14 @@
 """Fixtures shared by the test files, and the markers and time limits set by file or kind."""
 
+import os
+
 import numpy as np
 import pytest
+
+# The hidden tests draw their inputs with the course's secret (bngrade.asserts.hidden_rng). The
+# tests fix it, so that every run grades the same inputs; test_grading.py grades the model
+# solutions under other secrets too.
+os.environ["BNGRADE_SECRET"] = "the test suite's secret"
 
 # pytest-timeout's limit for a test marked slow (a book build, a class autograded), in seconds;
 # every other test has the `timeout` of pyproject.toml. An explicit

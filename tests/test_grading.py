@@ -275,6 +275,17 @@ def test_round_trip(assignment, tmp_path, capsys):
         assert float(rows[student]["max_score"]) == pytest.approx(max_score)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("secret", ["another course", "another term"])
+def test_the_model_solutions_pass_whatever_the_course_secret(secret, monkeypatch):
+    """Hidden inputs change with the course's secret; correct answers pass with any of them."""
+    from bngrade.canary import grade_solutions
+
+    monkeypatch.setenv("BNGRADE_SECRET", secret)
+    results = grade_solutions(ASSIGNMENTS, ROOT)
+    assert all(r.ok for r in results), "\n".join(r.describe() for r in results if not r.ok)
+
+
 # --- the instructor's workflow, as book/instructors.md gives it ------------------------------
 
 WORKFLOW_ASSIGNMENT = "ch3-forward-backward"

@@ -6,6 +6,7 @@ Every instructor command runs from the course root, the folder that holds
 
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
 
@@ -37,3 +38,15 @@ def course_directory(root: Path | str = "."):
     if "root" not in config.get("CourseDirectory", {}):
         coursedir.root = str(root)
     return coursedir
+
+
+def course_secret(root: Path | str = ".") -> str:
+    """The course's secret (``<root>/.grading/secret``, made once at random): it seeds the
+    hidden tests' inputs (``bngrade.asserts.hidden_rng``). Keep it out of the repository (the
+    course's .gitignore does) and out of the students' kernels (the sandbox does)."""
+    path = Path(root) / ".grading" / "secret"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(16) + "\n")
+        path.chmod(0o600)
+    return path.read_text().strip()

@@ -46,6 +46,8 @@ SYSTEM_HIDDEN = ("/home", "/root", "/run", "/tmp", "/var/tmp", "/dev/shm", "/mnt
 # Environment variables a sandboxed kernel keeps from the grader; everything else (tokens,
 # credentials, proxies) stays outside.
 ENV_PASSED = ("NBGRADER_EXECUTION", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SOURCE_DATE_EPOCH")
+# Never given to a kernel, whatever the sandbox: the course's secret (bngrade.asserts).
+ENV_WITHHELD = ("BNGRADE_SECRET",)
 # Set in every graded kernel: one thread for the numerical libraries (limits stay meaningful
 # and parallel grading does not oversubscribe), and private, empty configuration folders.
 ENV_GRADING = {
@@ -245,7 +247,10 @@ class SandboxedKernelManager(AsyncKernelManager):
             level = self.log.info if mode == "off" and self.sandbox == "off" else self.log.warning
             level("Grading sandbox: %s; %s.", mode, why)
         if mode == "off":
-            return await super()._async_pre_start_kernel(**kw)
+            cmd, kw = await super()._async_pre_start_kernel(**kw)
+            kw["env"] = {k: v for k, v in kw.get("env", os.environ).items()
+                         if k not in ENV_WITHHELD}
+            return cmd, kw
         self._rundir = Path(tempfile.mkdtemp(prefix="bncore-kernel-"))
         uid = 1_000_000 + secrets.randbelow(1_000_000)
         if mode == "bwrap":
@@ -292,7 +297,8 @@ class SandboxedKernelManager(AsyncKernelManager):
             kw["env"] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         else:
             cmd = ["prlimit", *limits, "--", *cmd]
-            kw["env"] = {**kw.get("env", os.environ), **env}
+            kw["env"] = {k: v for k, v in {**kw.get("env", os.environ), **env}.items()
+                         if k not in ENV_WITHHELD}
         return cmd, kw
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
@@ -391,15 +397,17 @@ except ImportError:
     print('bncore.numpy importable: False')
 try:
     socket.create_connection(('127.0.0.1', {port}), timeout=2).close()
-    print('network: reachable (the grader\'s listener on 127.0.0.1:{port} answered)')
+    print("network: reachable (the grader's listener on 127.0.0.1:{port} answered)")
 except OSError as error:
-    print('network: unreachable (the grader\'s listener on 127.0.0.1:{port}:', error, ')')
+    print("network: unreachable (the grader's listener on 127.0.0.1:{port}:", error, ")")
 """
 
 
 def _print_stream(msg):
     if msg["msg_type"] == "stream":
         print("  " + msg["content"]["text"].rstrip().replace("\n", "\n  "))
+    elif msg["msg_type"] == "error":
+        print(f"  {msg['content']['ename']}: {msg['content']['evalue']}")
 
 
 def main(argv=None) -> int:
