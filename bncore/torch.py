@@ -35,11 +35,10 @@ BatchNorm2d   (N, C, H, W)          N, H and W
 batch_norm    (N, C, *)             every axis but 1
 ============  ====================  ========================================
 
-The output has the shape, dtype and memory format of the input. Statistics are accumulated
-in float32 for float16 and bfloat16 input (float64 stays float64) with the corrected
-two-pass algorithm: a first mean, then the sums of the deviations from it, which give the
-variance and correct the rounding error of the mean. A large offset does not cancel them, as
-it would in the one-pass ``E[x^2] - E[x]^2``.
+The output has the shape, dtype and memory format of the input. Statistics are computed in
+float32 for float16 and bfloat16 input (float64 stays float64) from the deviations from a
+mean, so that a large offset does not cancel them, as it would in the one-pass
+``E[x^2] - E[x]^2``.
 
 Where this module differs from PyTorch, on purpose:
 
@@ -51,14 +50,22 @@ Where this module differs from PyTorch, on purpose:
   still propagates the NaN to the output, but leaves ``running_mean``, ``running_var`` and
   ``num_batches_tracked`` exactly as they were; PyTorch would write the NaN into the
   running statistics, and every later evaluation would return NaN. The check runs on the
-  device (``torch.where`` on a finite flag), so it costs no host synchronization;
+  device, so it costs no host synchronization;
 - double backward is not supported (the backward is marked ``once_differentiable``).
 
-On CPU the sums of the second pass run block by block, so that the centred values
-``x - mean`` live in cache instead of in a full-size temporary, and the output is one
-multiply-add per element, ``x * scale + shift``. On CUDA a fused Triton path
-(:mod:`bncore._triton`) is used when Triton is installed; set ``bncore.torch.use_fused =
-False`` to force the plain path, which is its reference.
+Two paths compute the same thing:
+
+- the plain path, a few PyTorch operations on the input seen with its channels last, so that
+  (C,) vectors broadcast with no reshaping: the mean (accumulated in float64), the mean of the
+  squared deviations, then ``(x - mean) * scale + bias``; the backward from
+  ``x_hat = (x - mean) * invstd`` and two sums. A training step dispatches under 30 aten
+  operations, since a small batch costs what its operations cost to dispatch. Large CPU input
+  goes block by block instead, so that the centred values live in cache rather than in
+  full-size temporaries;
+- on CUDA, when Triton is installed, the fused kernels of :mod:`bncore._triton`: a training
+  step in three to five launches, the running statistics updated in the kernel that
+  finalizes the batch statistics. Set ``bncore.torch.use_fused = False`` to force the plain
+  path, which is their reference.
 """
 
 from __future__ import annotations

@@ -960,6 +960,21 @@ def test_fused_launches_per_step(fused, split, train_launches, monkeypatch):
     assert launches.total() == 1
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+def test_fused_kernels_compile_for_a_hopper_gpu():
+    # The interpreter runs the kernels' Python; the compiler is stricter. This compiles each
+    # kernel variant for sm_90 down to a cubin, with no GPU, and fails on any spill.
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "compile_kernels.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------
 # On CUDA only: host synchronization, CUDA graphs, torch.compile, kernels per step
 # ----------------------------------------------------------------------------------------
