@@ -93,7 +93,7 @@ def torch_takes_half_affine(device: str) -> bool:
     try:
         F.batch_norm(x, None, None, one, None, training=True)
         F.batch_norm(x, None, None, None, one, training=True)
-    except RuntimeError:
+    except Exception:  # a probe: whatever the refusal raises
         return False
     return True
 
@@ -960,7 +960,8 @@ def test_fused_launches_per_step(fused, split, train_launches, monkeypatch):
     assert launches.total() == 1
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA,
+                    reason="needs Triton; with a GPU the CUDA tests compile the kernels")
 def test_fused_kernels_compile_for_a_hopper_gpu():
     # The interpreter runs the kernels' Python; the compiler is stricter. This compiles each
     # kernel variant for sm_90 down to a cubin, with no GPU, and fails on any spill.
