@@ -100,8 +100,9 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, part_ptr,
     Every program sums the deviations from the same shift, the mean of the channel's first
     tile. FUSED (one program per channel block): store mean, invstd and the biased variance
     in rows 0, 1 and 2 of stats (3, C), then y. Else: store (count, mean - shift, m2) of the
-    program's rows in row pid(1) of part (3, P, C), m2 being the sum of the squared
-    deviations from the program's mean; programs pid(1) == 0 store the shift in stats row 0.
+    program's rows in row pid(1) of part (3P + 1, C), in its blocks of P rows, m2 being the
+    sum of the squared deviations from the program's mean; programs pid(1) == 0 store the
+    shift in its last row.
     """
     pid_p = tl.program_id(1)
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,13 +145,13 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, part_ptr,
         tl.store(part_ptr + part_c + row, deviation, mask=c_mask)
         tl.store(part_ptr + 2 * part_c + row, m2, mask=c_mask)
         if pid_p == 0:
-            tl.store(stats_ptr + cs, shift, mask=c_mask)
+            tl.store(part_ptr + 3 * part_c + cs, shift, mask=c_mask)
 
 
 @triton.jit
 def _merge_partials(part_ptr, cs, c_mask, C, P, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Mean (less the shift) and biased variance of the channels cs from the P partials
-    (count, mean - shift, m2) in part (3, P, C): Chan's formula, in two passes."""
+    (count, mean - shift, m2) in part (3P + 1, C): Chan's formula, in two passes."""
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
@@ -178,8 +179,8 @@ def _merge_partials(part_ptr, cs, c_mask, C, P, BLOCK_P: tl.constexpr, BLOCK_C: 
 def _finalize_kernel(part_ptr, stats_ptr, rm_ptr, rv_ptr, nbt_ptr, C, P, eps, momentum, bessel,
                      MERGE: tl.constexpr, UPDATE: tl.constexpr, COUNT: tl.constexpr,
                      CUMULATIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program. MERGE: the partials of part (3, P, C) and the shift in stats row 0 into
-    mean, invstd and variance (stats rows 0-2). UPDATE: when every mean and unbiased
+    """One program. MERGE: the partials and the shift in part (3P + 1, C) into mean, invstd
+    and variance (stats rows 0-2). UPDATE: when every mean and unbiased
     variance is finite, move the running statistics towards them and add 1 to
     num_batches_tracked (COUNT); else change nothing. CUMULATIVE: momentum = 1 /
     num_batches_tracked."""
@@ -189,7 +190,7 @@ def _finalize_kernel(part_ptr, stats_ptr, rm_ptr, rv_ptr, nbt_ptr, C, P, eps, mo
         c_mask = cs < C
         if MERGE:
             deviation, var = _merge_partials(part_ptr, cs, c_mask, C, P, BLOCK_P, BLOCK_C)
-            mean = tl.load(stats_ptr + cs, mask=c_mask, other=0.0) + deviation
+            mean = tl.load(part_ptr + 3 * P * C + cs, mask=c_mask, other=0.0) + deviation
             var = tl.where(var < 0.0, 0.0, var)
             tl.store(stats_ptr + cs, mean, mask=c_mask)
             tl.store(stats_ptr + C + cs, tl.rsqrt(var + eps), mask=c_mask)
@@ -483,7 +484,7 @@ def forward(x, weight, bias, running_mean, running_var, nbt, training, momentum,
         return y, x, stats
     count = plan.layout[0] * s
     programs = plan.programs if plan.split else 1
-    part = _workspace(x, 3 * programs * c) if plan.split else stats
+    part = _workspace(x, (3 * programs + 1) * c) if plan.split else stats
     _forward_kernel[(plan.c_tiles, programs)](
         x, y, w, b, stats, part, c, s, sn, sc, ss, plan.tiles_per_n, plan.tiles,
         plan.per_program if plan.split else plan.tiles, eps, FUSED=not plan.split, **common)
