@@ -394,6 +394,7 @@ def run_gpu(rows, device, warmup, repeats):
             for mode, times in result.items():
                 label = (f"{shape}", memory_format, dtype_name, mode)
                 cells, row_checks = gpu_row(label, chosen, times, nbytes, launches)
+                print("  ".join(cells), flush=True)  # as it goes, in case the run is cut short
                 table.append(cells)
                 checks += row_checks
             del x, dy
