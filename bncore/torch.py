@@ -35,11 +35,10 @@ BatchNorm2d   (N, C, H, W)          N, H and W
 batch_norm    (N, C, *)             every axis but 1
 ============  ====================  ========================================
 
-The output has the shape, dtype and memory format of the input. Statistics are accumulated
-in float32 for float16 and bfloat16 input (float64 stays float64) with the corrected
-two-pass algorithm: a first mean, then the sums of the deviations from it, which give the
-variance and correct the rounding error of the mean. A large offset does not cancel them, as
-it would in the one-pass ``E[x^2] - E[x]^2``.
+The output has the shape, dtype and memory format of the input. Statistics are computed in
+float32 for float16 and bfloat16 input (float64 stays float64) from the deviations from a
+mean, so that a large offset does not cancel them, as it would in the one-pass
+``E[x^2] - E[x]^2``.
 
 Where this module differs from PyTorch, on purpose:
 
@@ -51,17 +50,27 @@ Where this module differs from PyTorch, on purpose:
   still propagates the NaN to the output, but leaves ``running_mean``, ``running_var`` and
   ``num_batches_tracked`` exactly as they were; PyTorch would write the NaN into the
   running statistics, and every later evaluation would return NaN. The check runs on the
-  device (``torch.where`` on a finite flag), so it costs no host synchronization;
+  device, so it costs no host synchronization;
 - double backward is not supported (the backward is marked ``once_differentiable``).
 
-On CPU the sums of the second pass run block by block, so that the centred values
-``x - mean`` live in cache instead of in a full-size temporary, and the output is one
-multiply-add per element, ``x * scale + shift``. On CUDA a fused Triton path
-(:mod:`bncore._triton`) is used when Triton is installed; set ``bncore.torch.use_fused =
-False`` to force the plain path, which is its reference.
+Two paths compute the same thing:
+
+- the plain path, a few PyTorch operations on the input seen with its channels last, so that
+  (C,) vectors broadcast with no reshaping: the mean (accumulated in float64), the mean of the
+  squared deviations, then ``(x - mean) * scale + bias``; the backward from
+  ``x_hat = (x - mean) * invstd`` and two sums. A training step dispatches under 30 aten
+  operations, since a small batch costs what its operations cost to dispatch. Large CPU input
+  goes block by block instead, so that the centred values live in cache rather than in
+  full-size temporaries;
+- on CUDA, when Triton is installed, the fused kernels of :mod:`bncore._triton`: a training
+  step in three to five launches, the running statistics updated in the kernel that
+  finalizes the batch statistics. Set ``bncore.torch.use_fused = False`` to force the plain
+  path, which is their reference.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -72,12 +81,13 @@ __all__ = ["BatchNormFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d"]
 #: Use the fused Triton kernels on CUDA when Triton is installed (the plain path otherwise).
 use_fused = True
 
-# On CPU, the reductions work block by block, each block at most this many elements:
+# On CPU, input larger than this goes block by block, each block at most this many elements:
 # small enough that a block and its temporaries stay in cache, and just below ATen's parallel
 # grain size (32768), so that each operation on a block runs on one thread. Hundreds of tiny
 # parallel regions cost more than they gain, and far more on a machine that is shared.
 _BLOCK_ELEMENTS = 32767
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INF = torch.tensor(math.inf)  # compared with as a tensor: cheaper than a Python float
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ def _check_args(input, weight, bias, running_mean, running_var, training, moment
     channels = input.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (channels,):
+        if t is not None and t.shape != (channels,):
             raise ValueError(
                 f"input of shape {_shape(input)} has {channels} channels (axis 1), "
                 f"but {name} has shape {_shape(t)}; expected ({channels},)"
@@ -130,13 +140,115 @@ def _check_args(input, weight, bias, running_mean, running_var, training, moment
 
 
 # ----------------------------------------------------------------------------------------
-# The plain path: a few PyTorch operations, block by block on CPU.
+# The plain path: a few PyTorch operations on the input seen with its channels last.
 # ----------------------------------------------------------------------------------------
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is accumulated in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) seen as (N, *, C), a view: a (C,) vector then broadcasts along the channels
+    with no reshaping. 2-d input already has its channels last."""
+    return t if t.dim() == 2 else t.movedim(1, -1)
+
+
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_channels_last`."""
+    return t if t.dim() == 2 else t.movedim(-1, 1)
+
+
+def _all_but_last(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(t.dim() - 1))
+
+
+def _batch_statistics(x: torch.Tensor, xt: torch.Tensor, cdtype: torch.dtype):
+    """Per-channel mean and biased variance of ``x`` (N, C, *), both (C,) in ``cdtype``, and
+    the deviations ``x - mean`` seen channels last, or None where they were not kept.
+
+    Two passes: the mean, accumulated in float64 as PyTorch's CPU kernel does, then the mean
+    of the squared deviations from it. Subtracting the mean first keeps an offset from
+    cancelling the variance, as it would in the one-pass ``E[x^2] - E[x]^2``. Large input on
+    the CPU goes block by block (:func:`_blocked_statistics`). ``xt`` is x seen channels last.
+    """
+    if _in_blocks(x):
+        return (*_blocked_statistics(x), None)
+    channels = xt.shape[-1]
+    if xt.numel() == 0:  # an empty batch: statistics that change nothing
+        return xt.new_zeros(channels, dtype=cdtype), xt.new_ones(channels, dtype=cdtype), None
+    dims = _all_but_last(xt)
+    mean = xt.mean(dims, dtype=torch.float64).to(cdtype)
+    xc = xt - mean
+    return mean, (xc * xc).mean(dims), xc
+
+
+def _plain_forward(x, weight, bias, running_mean, running_var, nbt, training, momentum, eps):
+    """``y`` and what the backward needs: (x seen channels last, mean, invstd, scale)."""
+    cdtype = _compute_dtype(x.dtype)
+    xt = _channels_last(x)
+    if training:
+        mean, var, xc = _batch_statistics(x, xt, cdtype)
+        _update_running_stats(running_mean, running_var, nbt, mean, var,
+                              x.numel() // max(x.shape[1], 1), momentum)
+    else:  # a copy: the saved mean must not change if the buffer does before backward
+        mean, var, xc = running_mean.to(cdtype, copy=True), running_var.to(cdtype), None
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.to(cdtype)
+    out = None if x.dtype == cdtype else torch.empty_like(xt)  # rounded once, at the end
+    if xc is None:  # x * scale + (bias - mean * scale): one pass over x, as PyTorch's kernel
+        if bias is None:
+            shift = (mean * scale).neg_()
+        else:
+            shift = torch.addcmul(bias.to(cdtype), mean, scale, value=-1)
+        y = torch.addcmul(shift, xt, scale, out=out)
+    elif bias is None:  # (x - mean) * scale (+ bias), from the deviations already made
+        y = torch.mul(xc, scale, out=out)
+    else:
+        y = torch.addcmul(bias.to(cdtype), xc, scale, out=out)
+    return _channels_first(y), (xt, mean, invstd, scale)
+
+
+def _plain_backward(dy, saved, training, need_input, need_sums):
+    """``(dx, sum(dy * x_hat), sum(dy))`` per channel; what is not needed is None.
+
+    ``saved`` is what :func:`_plain_forward` returned beside ``y``.
+    """
+    xt, mean, invstd, scale = saved
+    count = xt.numel() // max(xt.shape[-1], 1)
+    dyt = _channels_last(dy)
+    dx = sum_dy = sum_dy_xhat = x_hat = None
+    if training or need_sums:
+        if _in_blocks(xt):  # large CPU input: block by block, no full-size temporaries
+            sum_dy, sum_dy_xc = _centered_sums(_channels_first(xt), mean, dy)
+            sum_dy_xhat = sum_dy_xc * invstd
+        else:
+            dims = _all_but_last(xt)
+            x_hat = (xt - mean).mul_(invstd)
+            sum_dy = dyt.sum(dims, dtype=mean.dtype)
+            sum_dy_xhat = (dyt * x_hat).sum(dims)
+    if need_input:
+        if not training:  # evaluation: the statistics are constants
+            dx = _channels_first(dyt * scale)
+        elif x_hat is not None:
+            # dx = scale * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M)
+            u = torch.addcmul(sum_dy, x_hat, sum_dy_xhat)
+            dx = _channels_first(torch.sub(dyt, u, alpha=1 / count).mul_(scale))
+        else:  # the same, as (x - mean) * b + d + dy * scale in two passes over x and dy
+            b = scale * invstd * sum_dy_xhat / -count
+            d = scale * sum_dy / -count
+            dx = _affine_centered(_channels_first(xt), mean, b, d, dy, scale)
+        dx = dx.to(xt.dtype)
+    return dx, sum_dy_xhat, sum_dy
+
+
+# Large CPU input: the sums of the statistics and of the backward run block by block, so that
+# the centred values ``x - mean`` live in cache instead of in a full-size temporary.
+
+
+def _in_blocks(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() > _BLOCK_ELEMENTS
 
 
 def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -197,43 +309,25 @@ def _centered_sums(x, mean, dy=None):
     return first, second
 
 
-def _affine_centered(x, mean, scale, shift, dy=None, dy_scale=None, out_dtype=None):
-    """``(x - mean) * scale + shift`` (``+ dy * dy_scale``), per channel, in a new tensor.
+def _blocked_statistics(x: torch.Tensor):
+    """:func:`_batch_statistics` block by block: a first mean, then the centred sums."""
+    count = x.numel() // x.shape[1]
+    mean = _channel_mean(x)
+    sum_xc, sum_xc2 = _centered_sums(x, mean)
+    mean_deviation = sum_xc / count
+    return mean + mean_deviation, sum_xc2 / count - mean_deviation * mean_deviation
+
+
+def _affine_centered(x, mean, scale, shift, dy=None, dy_scale=None):
+    """``(x - mean) * scale + shift`` (``+ dy * dy_scale``), per channel, in the compute dtype.
 
     Computed as ``x * scale + (shift - mean * scale)`` in one pass over x, as PyTorch's kernel
     does. Its rounding error, about ``eps * |x| / std`` relative to the output, is that of the
     float x itself: with an offset of 1e4 and std 1 in float32, 1e-3 of the output's unit.
     """
-    out = torch.empty_like(x, dtype=out_dtype or x.dtype)  # keeps x's memory format
     s, b = _channel_view(scale, x), _channel_view(shift - mean * scale, x)
-    if dy is None:
-        return torch.addcmul(b, x, s, out=out)
-    t = torch.addcmul(b, x, s, out=out if out.dtype == mean.dtype else None)
-    t.addcmul_(dy, _channel_view(dy_scale, x))
-    return t if t is out else out.copy_(t)  # float16 and bfloat16: rounded once, at the end
-
-
-class _PlainOps:
-    channel_mean = staticmethod(_channel_mean)
-    centered_sums = staticmethod(_centered_sums)
-    affine_centered = staticmethod(_affine_centered)
-
-
-_triton_module = None
-
-
-def _ops_for(x: torch.Tensor):
-    """The fused Triton kernels for CUDA input when available, else the plain path."""
-    global _triton_module
-    if not (use_fused and x.device.type == "cuda" and x.dtype in _FUSED_DTYPES and x.numel()):
-        return _PlainOps
-    if _triton_module is None:
-        try:
-            from bncore import _triton
-        except ImportError:  # Triton is not installed: the plain path does the work
-            _triton = False
-        _triton_module = _triton
-    return _triton_module or _PlainOps
+    out = torch.addcmul(b, x, s)
+    return out if dy is None else out.addcmul_(dy, _channel_view(dy_scale, x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,18 +336,67 @@ def _ops_for(x: torch.Tensor):
 
 
 def _update_running_stats(running_mean, running_var, nbt, mean, var, count, momentum):
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # 0-d, stays on the device
+    """Move the running statistics towards the batch's, on the device, with no host sync.
+
+    ``running += momentum * (batch_stat - running)`` with the unbiased batch variance, and
+    ``num_batches_tracked += 1``, unless the batch statistics are not finite: then nothing
+    changes. An empty batch (``count == 0``) counts, as in PyTorch, but changes no statistic.
+    """
+    if count == 0:
+        if nbt is not None:
+            nbt.add_(1)
+        return
+    unbiased_var = var * (count / (count - 1))
+    # The largest variance is below +inf and not NaN (max propagates NaN): a variance is never
+    # -inf. It is computed from the deviations from the mean, so a mean that is not finite
+    # makes it NaN: checking the variance checks both.
+    finite = unbiased_var.max() < _INF  # 0-d, stays on the device
     if nbt is not None:
-        # An empty batch counts as a batch (as in torch) but changes no statistic.
-        nbt.add_(1 if count == 0 else finite)
+        nbt.add_(finite)
     if running_mean is None:
         return
     if momentum is None:  # cumulative average: 1 / (number of finite batches so far)
-        momentum = nbt.to(mean.dtype).reciprocal()
-    unbiased_var = var * (count / (count - 1))
+        momentum = nbt.to(mean.dtype).clamp_(min=1).reciprocal_()
     for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
-        new = (1 - momentum) * running.to(stat.dtype) + momentum * stat
-        running.copy_(torch.where(finite, new, running.to(stat.dtype)))
+        # Towards the batch's value when finite, else towards itself: no change, exactly.
+        if running.dtype == stat.dtype:
+            running.lerp_(torch.where(finite, stat, running), momentum)
+        else:
+            wide = running.to(stat.dtype)
+            running.copy_(wide.lerp_(torch.where(finite, stat, wide), momentum))
+
+
+# ----------------------------------------------------------------------------------------
+# The fused Triton kernels, for CUDA input when Triton is installed.
+# ----------------------------------------------------------------------------------------
+
+_triton_module = None  # bncore._triton once imported; False where Triton is not installed
+_FUSED_DEVICE = "cuda"  # the tests set "cpu" to run the kernels in Triton's interpreter
+
+
+def _fused_kernels(x, weight, bias, running_mean, running_var, nbt):
+    """:mod:`bncore._triton` when this call can use it, else None (the plain path).
+
+    It can for CUDA input in float32, float16 or bfloat16, with parameters and running
+    statistics in those dtypes on the same device, when Triton is installed and
+    :data:`use_fused` is set.
+    """
+    global _triton_module
+    if not (use_fused and x.device.type == _FUSED_DEVICE and x.dtype in _FUSED_DTYPES
+            and x.numel()):
+        return None
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (t.dtype not in _FUSED_DTYPES or t.device != x.device):
+            return None
+    if nbt is not None and nbt.device != x.device:
+        return None
+    if _triton_module is None:
+        try:
+            from bncore import _triton
+        except ImportError:  # Triton is not installed: the plain path does the work
+            _triton = False
+        _triton_module = _triton
+    return _triton_module or None
 
 
 # ----------------------------------------------------------------------------------------
@@ -281,56 +424,36 @@ class BatchNormFunction(torch.autograd.Function):
                 num_batches_tracked=None):
         _check_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
                     num_batches_tracked)
-        ops = _ops_for(input)
-        cdtype = _compute_dtype(input.dtype)
-        count = input.numel() // max(input.shape[1], 1)  # M, the values per channel
-        if training:
-            # The corrected two-pass algorithm: a first mean, then the sums of the deviations
-            # from it, which correct the rounding error of the mean and give the variance.
-            mean = ops.channel_mean(input)
-            sum_xc, sum_xc2 = ops.centered_sums(input, mean)
-            mean = mean + sum_xc / count
-            var = (sum_xc2 - sum_xc * sum_xc / count) / count  # biased: the one that normalizes
-            _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                                  count, momentum)
+        fused = _fused_kernels(input, weight, bias, running_mean, running_var,
+                               num_batches_tracked)
+        if fused is not None:
+            out, x, stats = fused.forward(input, weight, bias, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps)
+            ctx.save_for_backward(x, weight, stats)
         else:
-            # copies: the saved statistics must not change if the buffers do before backward
-            mean = running_mean.to(cdtype, copy=True)
-            var = running_var.to(cdtype)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(cdtype)
-        shift = torch.zeros_like(invstd) if bias is None else bias.to(cdtype)
-        out = ops.affine_centered(input, mean, scale, shift, out_dtype=input.dtype)
-
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.training, ctx.count, ctx.ops = training, count, ops
+            out, saved = _plain_forward(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, training, momentum, eps)
+            ctx.save_for_backward(*saved)
+        ctx.fused, ctx.training = fused, training
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        input, weight, mean, invstd = ctx.saved_tensors
-        ops, count = ctx.ops, ctx.count
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dy = grad_output
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)  # gamma / sigma
-
-        grad_input = grad_weight = grad_bias = None
-        if ctx.training or need_weight or need_bias:
-            sum_dy, sum_dy_xc = ops.centered_sums(input, mean, dy)  # sum(dy), sum(dy * (x - mu))
-        if need_input and ctx.training:
-            # dx = scale / M * (M dy - sum(dy) - x_hat sum(dy x_hat)), written as
-            # dx = scale * dy + (x - mu) * b + d, with per-channel b and d:
-            b = -scale * invstd * invstd * sum_dy_xc / count
-            d = -scale * sum_dy / count
-            grad_input = ops.affine_centered(input, mean, b, d, dy, scale, out_dtype=input.dtype)
-        elif need_input:  # evaluation: the statistics are constants
-            grad_input = (dy * _channel_view(scale, dy)).to(input.dtype)
-        if need_weight:
-            grad_weight = (sum_dy_xc * invstd).to(weight.dtype)  # sum(dy * x_hat)
-        if need_bias:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
+        if ctx.fused is not None:
+            x, weight, stats = ctx.saved_tensors
+            grad_input, grad_weight, grad_bias = ctx.fused.backward(
+                grad_output, x, weight, stats, ctx.training, need_input, need_weight,
+                need_bias, ctx.bias_dtype)
+        else:
+            grad_input, sum_dy_xhat, sum_dy = _plain_backward(
+                grad_output, ctx.saved_tensors, ctx.training, need_input,
+                need_weight or need_bias)
+            grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
+            grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 

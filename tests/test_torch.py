@@ -1,21 +1,40 @@
 """bncore.torch against PyTorch's own batch normalization, gradcheck and properties.
 
-Every test runs on each device: "cuda" is reported as skipped where there is none.
+Every test runs on each device: "cuda" is reported as skipped where there is none. The
+references are built only with what the installed torch has (torch.nn.BatchNorm*d takes
+``bias=`` from 2.13 on, and some versions' CUDA kernels refuse a weight without a bias), so
+the tests pass on the pinned torch and on older CUDA builds alike.
+
+The fused Triton kernels are tested on CUDA, and, where there is no GPU but Triton is
+installed, on CPU tensors through Triton's interpreter.
 """
 
+import functools
 import importlib.util
+import inspect
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bncore.torch as bt
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Without a GPU, Triton's interpreter runs the fused kernels on CPU tensors. It has to be
+# chosen before Triton is first imported, and it holds for the whole process: so only here.
+if HAS_TRITON and not HAS_CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER = HAS_TRITON and not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+
+# What the installed torch offers, for building the references.
+TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).parameters
+TORCH_REPR_HAS_BIAS = "bias=" in repr(torch.nn.BatchNorm1d(1))
 
 DEVICES = [
     "cpu",
@@ -25,6 +44,9 @@ DEVICES = [
     ),
 ]
 on_devices = pytest.mark.parametrize("device", DEVICES)
+# The two ways the fused kernels cut the work (bncore._triton.force_split)
+PATHS = [False, True]  # bncore._triton.force_split
+PATH_IDS = ["channel-blocks", "split"]
 
 TOLERANCE = {  # (rtol, atol) against PyTorch
     torch.float64: (1e-9, 1e-11),
@@ -63,6 +85,48 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def torch_takes_half_affine(device: str) -> bool:
+    """Whether F.batch_norm on this device takes a weight without a bias and a bias without a
+    weight (the CUDA kernels of some torch versions refuse both)."""
+    x, one = torch.ones(4, 2, device=device), torch.ones(2, device=device)
+    try:
+        F.batch_norm(x, None, None, one, None, training=True)
+        F.batch_norm(x, None, None, None, one, training=True)
+    except Exception:  # a probe: whatever the refusal raises
+        return False
+    return True
+
+
+def reference_batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+                         momentum=0.1, eps=1e-5):
+    """F.batch_norm, with a constant 1 (or 0) for the missing weight (or bias) where this
+    torch refuses one without the other: the same function of x and of the other one."""
+    if (weight is None) != (bias is None) and not torch_takes_half_affine(x.device.type):
+        if weight is None:
+            weight = torch.ones_like(bias).detach()
+        else:
+            bias = torch.zeros_like(weight).detach()
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def torch_module(torch_cls, num_features, device, dtype=None, **options):
+    """PyTorch's module with these options. ``bias=False`` on a torch without that argument
+    (or whose kernels refuse it) is built as an affine module whose bias is a constant 0."""
+    no_bias = options.get("bias", True) is False
+    if no_bias and not (TORCH_HAS_BIAS_ARG and torch_takes_half_affine(device)):
+        options = {k: v for k, v in options.items() if k != "bias"}
+        module = torch_cls(num_features, device=device, dtype=dtype, **options)
+        module.bias.requires_grad_(False)  # stays 0: never trained, never randomized
+        return module
+    return torch_cls(num_features, device=device, dtype=dtype, **options)
+
+
+def needs_torch_bias_arg(options):
+    if options.get("bias", True) is False and not TORCH_HAS_BIAS_ARG:
+        pytest.skip("torch.nn.BatchNorm*d has no bias argument before torch 2.13")
+
+
 def assert_close(actual, expected, dtype=None):
     if expected is None:
         assert actual is None
@@ -74,15 +138,16 @@ def assert_close(actual, expected, dtype=None):
 def module_pair(ours_cls, torch_cls, device, dtype=torch.float32, **options):
     """Our module and PyTorch's, with the same random parameters and running statistics."""
     gen = torch.Generator().manual_seed(0)
-    theirs = torch_cls(5, device=device, dtype=dtype, **options)
+    theirs = torch_module(torch_cls, 5, device, dtype, **options)
     with torch.no_grad():
         for t in (theirs.weight, theirs.bias, theirs.running_mean):
-            if t is not None:
+            if t is not None and (t.requires_grad or t is theirs.running_mean):
                 t.copy_(torch.randn(t.shape, generator=gen))
         if theirs.running_var is not None:
             theirs.running_var.copy_(torch.rand(5, generator=gen) + 0.5)
     ours = ours_cls(5, device=device, dtype=dtype, **options)
-    ours.load_state_dict(theirs.state_dict())
+    names = ours.state_dict().keys()  # without a stand-in bias
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if k in names})
     return ours, theirs
 
 
@@ -179,7 +244,7 @@ def test_functional_matches_torch(mode, affine, shape, dtype, device):
     theirs_stats = [None if s is None else s.clone() for s in stats]
     training = mode != "eval"
     results = []
-    for fn, (rm, rv) in ((bt.batch_norm, stats), (F.batch_norm, theirs_stats)):
+    for fn, (rm, rv) in ((bt.batch_norm, stats), (reference_batch_norm, theirs_stats)):
         xg = x.clone().requires_grad_()
         out = fn(xg, rm, rv, weight, bias, training, 0.3, 1e-4)
         inputs = [t for t in (xg, weight, bias) if t is not None]
@@ -204,7 +269,7 @@ def test_non_contiguous_input_and_expanded_gradient(device):
     x = base.t()[:, ::2]  # (12, 4) with strides (1, 24)
     w = torch.randn(4, device=device, dtype=torch.float64)
     grads = []
-    for fn in (bt.batch_norm, F.batch_norm):
+    for fn in (bt.batch_norm, reference_batch_norm):
         xg = x.detach().requires_grad_()
         fn(xg, None, None, w, None, True).pow(3).sum().backward()
         grads.append(xg.grad)
@@ -241,6 +306,7 @@ def test_block_by_block_passes_agree_with_torch(block_elements, channels_last, m
 @pytest.mark.parametrize("options", OPTIONS[:1] + OPTIONS[3:], ids=OPTION_IDS[:1] + OPTION_IDS[3:])
 @pytest.mark.parametrize(("ours_cls", "torch_cls", "shape"), MODULES[1:], ids=MODULE_IDS[1:])
 def test_state_dict_loads_both_ways(ours_cls, torch_cls, shape, options, device):
+    needs_torch_bias_arg(options)
     x = torch.randn(shape, device=device)
     trained_theirs = torch_cls(5, device=device, **options)
     trained_ours = ours_cls(5, device=device, **options)
@@ -275,11 +341,15 @@ def test_state_dict_from_before_num_batches_tracked_loads(device):
 @on_devices
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_repr_parameters_and_buffers_match_torch(options, device):
+    needs_torch_bias_arg(options)
     pairs = ((bt.BatchNorm1d, torch.nn.BatchNorm1d), (bt.BatchNorm2d, torch.nn.BatchNorm2d))
     for ours_cls, torch_cls in pairs:
         ours = ours_cls(5, device=device, **options)
         theirs = torch_cls(5, device=device, **options)
-        assert repr(ours) == repr(theirs)
+        ours_repr = repr(ours)
+        if not TORCH_REPR_HAS_BIAS:  # torch before 2.13 does not print it
+            ours_repr = ours_repr.replace(f", bias={ours.bias is not None}", "")
+        assert ours_repr == repr(theirs)
         describe = lambda named: [(n, t.shape, t.dtype, t.device) for n, t in named]  # noqa: E731
         assert describe(ours.named_parameters()) == describe(theirs.named_parameters())
         assert describe(ours.named_buffers()) == describe(theirs.named_buffers())
@@ -455,7 +525,7 @@ def test_non_finite_step_leaves_functional_running_stats_unchanged(device):
 @on_devices
 def test_evaluation_without_running_stats_raises_like_torch(device):
     x = torch.randn(4, 5, device=device)
-    with pytest.raises(RuntimeError, match="running_mean must be defined"):
+    with pytest.raises(RuntimeError):  # the type as torch; its message depends on the device
         F.batch_norm(x, None, None, training=False)
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         bt.batch_norm(x, None, None, training=False)
@@ -465,8 +535,17 @@ def test_evaluation_without_running_stats_raises_like_torch(device):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA not available")
 @pytest.mark.cuda
+@pytest.mark.parametrize("split", [None, False, True], ids=["plain", *PATH_IDS])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_training_step_does_not_synchronize_with_the_host(momentum):
+def test_training_step_does_not_synchronize_with_the_host(momentum, split, monkeypatch):
+    if split is None:
+        monkeypatch.setattr(bt, "use_fused", False)
+    elif HAS_TRITON:
+        from bncore import _triton
+
+        monkeypatch.setattr(_triton, "force_split", split)
+    else:
+        pytest.skip("needs Triton")
     m = bt.BatchNorm2d(5, momentum=momentum, device="cuda")
     x = torch.randn(4, 5, 3, 3, device="cuda", requires_grad=True)
     m(x)  # warm up (lazy imports, kernel compilation)
@@ -504,6 +583,37 @@ def test_large_offset_does_not_destroy_the_statistics(dtype, offset, out_atol, v
     # The one-pass formula E[x^2] - E[x]^2 would lose the variance completely here:
     one_pass = (x.pow(2).mean((0, 2)) - x.mean((0, 2)).pow(2)).double()
     assert (one_pass - var.flatten()).abs().max() > 0.5
+
+
+# ----------------------------------------------------------------------------------------
+# Host work per call: the CPU proxy
+# ----------------------------------------------------------------------------------------
+
+
+class AtenCount(TorchDispatchMode):
+    """Counts the aten operations dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("cls", "shape"), [(bt.BatchNorm2d, (8, 16, 4, 4)),
+                                            (bt.BatchNorm1d, (64, 16))], ids=["2d", "1d"])
+def test_plain_training_step_takes_at_most_30_aten_operations(cls, shape):
+    # A tiny batch costs what its operations cost to dispatch, one by one: PyTorch's own
+    # training step takes 3 (native_batch_norm, its backward, an empty).
+    m = cls(shape[1])
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    run_step(m, x.detach(), dy)
+    with AtenCount() as ours:
+        torch.autograd.grad(m(x), (x, m.weight, m.bias), dy)
+    assert ours.count <= 30
 
 
 # ----------------------------------------------------------------------------------------
@@ -565,68 +675,374 @@ def test_shape_dtype_and_memory_format_are_preserved(shape, dtype, training, cha
 # The fused Triton path, against the plain path
 # ----------------------------------------------------------------------------------------
 
-FUSED_CASES = [  # (shape, channels_last)
-    ((64, 10), False),
-    ((8, 5, 7), False),
-    ((4, 6, 5, 3), False),
-    ((4, 6, 5, 3), True),
-    ((3, 70, 2, 2), True),
+FUSED_BACKENDS = [
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda,
+               pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and Triton")],
+    ),
+    pytest.param(
+        "interpreter",
+        marks=pytest.mark.skipif(
+            not INTERPRETER, reason="needs Triton, and no GPU (its interpreter then runs)"),
+    ),
 ]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and Triton")
+def fix_interpreter_index():
+    """Triton 3.6's interpreter turns a 1-element array into an int with int(), which NumPy
+    2.4 refuses for arrays of one dimension; later Triton squeezes the array first."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes", False):
+        return
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch.squeezes = True
+    interpreter._patch_lang_tensor = patch
+
+
+class Launches:
+    """Counts the launches of each of bncore._triton's kernels, and the forward passes of
+    the fused and the plain path."""
+
+    def __init__(self, module, monkeypatch):
+        self.counts = {}
+        self.forwards = {"fused": 0, "plain": 0}
+        self.launching = False
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, self._counting(name, getattr(module, name)))
+        for path, owner, name in (("fused", module, "forward"), ("plain", bt, "_plain_forward")):
+            monkeypatch.setattr(owner, name, self._counting_calls(path, getattr(owner, name)))
+
+    def _counting_calls(self, path, function):
+        def counting(*args):
+            self.forwards[path] += 1
+            return function(*args)
+
+        return counting
+
+    def _counting(self, name, kernel):
+        launches = self
+
+        class Counting:
+            def __getitem__(self, grid):
+                launches.counts[name] = launches.counts.get(name, 0) + 1
+                return functools.partial(launches._launch, kernel[grid])
+
+        return Counting()
+
+    def _launch(self, launcher, *args, **kwargs):
+        self.launching = True  # what the launch itself does (the interpreter copies tensors)
+        try:
+            return launcher(*args, **kwargs)
+        finally:
+            self.launching = False
+
+    def total(self):
+        return sum(self.counts.values())
+
+    def reset(self):
+        self.counts.clear()
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused(request, monkeypatch):
+    """(device, launches): bncore.torch running its fused kernels on that device, "cpu" for
+    the interpreter; launches counts them."""
+    from bncore import _triton
+
+    if request.param == "interpreter":
+        fix_interpreter_index()
+        monkeypatch.setattr(bt, "_FUSED_DEVICE", "cpu")
+    monkeypatch.setattr(bt, "use_fused", True)
+    return ("cuda" if request.param == "cuda" else "cpu"), Launches(_triton, monkeypatch)
+
+
+FUSED_CASES = [  # (shape, channels_last): each has more than one tile, so it can split
+    ((300, 10), False),
+    ((8, 5, 7), False),
+    ((4, 6, 5, 3), False),
+    ((24, 6, 5, 5), True),
+    ((12, 70, 4, 4), True),
+]
+
+
+def fused_and_plain(device, launches, fn):
+    """fn() with the fused kernels, then on the plain path; asserts that every forward of
+    the first ran the kernels and none of the second did."""
+    results = []
+    for use_fused in (True, False):
+        bt.use_fused = use_fused
+        before = dict(launches.forwards)
+        results.append(fn())
+        ran = {path: launches.forwards[path] - before[path] for path in before}
+        assert ran["fused" if use_fused else "plain"] > 0, ran
+        assert ran["plain" if use_fused else "fused"] == 0, ran
+    bt.use_fused = True
+    return results
+
+
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("shape", "channels_last"), FUSED_CASES)
-def test_fused_path_matches_plain_path(shape, channels_last, dtype, monkeypatch):
+def test_fused_path_matches_plain_path(fused, shape, channels_last, dtype, split, monkeypatch):
+    from bncore import _triton
+
+    device, launches = fused
+    monkeypatch.setattr(_triton, "force_split", split)
     gen = torch.Generator().manual_seed(6)
-    x = (3 * torch.randn(shape, generator=gen) + 2).to("cuda", dtype)
+    x = (3 * torch.randn(shape, generator=gen) + 2).to(device, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(shape, generator=gen).to("cuda", dtype)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    assert _triton._plan(x).split == split
     cls = bt.BatchNorm2d if x.dim() == 4 else bt.BatchNorm1d
-    results = []
-    for fused in (True, False):
-        monkeypatch.setattr(bt, "use_fused", fused)
-        m = cls(shape[1], device="cuda")
+
+    def train_then_eval():
+        m = cls(shape[1], device=device)
         with torch.no_grad():
             m.weight.copy_(torch.linspace(0.5, 2, shape[1]))
             m.bias.copy_(torch.linspace(-1, 1, shape[1]))
         out, dx, dw, db = run_step(m, x, dy)
         m.eval()
-        results.append((out, dx, dw, db, m.running_mean, m.running_var, m(x)))
-    assert bt._ops_for(x) is not bt._PlainOps  # the fused path really ran
-    for a, b in zip(*results, strict=True):
+        return out, dx, dw, db, m.running_mean, m.running_var, m.num_batches_tracked, m(x)
+
+    ours, plain = fused_and_plain(device, launches, train_then_eval)
+    assert ours[0].stride() == x.stride()
+    for a, b in zip(ours, plain, strict=True):
         assert_close(a.float(), b.float(), dtype if a.dtype == dtype else torch.float32)
 
 
-@pytest.mark.skipif(
-    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs Triton, and TRITON_INTERPRET=1 to run its kernels on the CPU",
-)
-@pytest.mark.parametrize(("shape", "channels_last"), FUSED_CASES)
-def test_triton_kernels_match_plain_ops_in_the_interpreter(shape, channels_last):
+FUSED_OPTIONS = [
+    {"momentum": None},
+    {"affine": False},
+    {"bias": False},
+    {"track_running_stats": False},
+    {"dtype": torch.float16},  # half-precision parameters and running statistics
+]
+
+
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("options", FUSED_OPTIONS, ids=lambda o: ",".join(map(str, o.items())))
+def test_fused_path_matches_plain_path_with_options(fused, options, split, monkeypatch):
     from bncore import _triton
 
-    gen = torch.Generator().manual_seed(7)
-    x, dy = 3 * torch.randn(shape, generator=gen) + 2, torch.randn(shape, generator=gen)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    c = shape[1]
-    mean = bt._channel_mean(x)
-    scale, shift, dy_scale = torch.randn(3, c, generator=gen)
-    fused, plain = _triton, bt._PlainOps
-    assert_close(fused.channel_mean(x), mean)
-    sums = fused.centered_sums(x, mean), plain.centered_sums(x, mean)
-    for a, b in zip(*sums, strict=True):
-        assert_close(a, b, torch.float32)
-    sums = fused.centered_sums(x, mean, dy), plain.centered_sums(x, mean, dy)
-    for a, b in zip(*sums, strict=True):
+    device, launches = fused
+    monkeypatch.setattr(_triton, "force_split", split)
+    gen = torch.Generator().manual_seed(8)
+    dtype = options.get("dtype", torch.float32)
+    x = (2 * torch.randn(6, 5, 4, 3, generator=gen) - 1).to(device, dtype)
+    dy = torch.randn(6, 5, 4, 3, generator=gen).to(device, dtype)
+
+    def three_steps():
+        m = bt.BatchNorm2d(5, device=device, **options)
+        steps = [run_step(m, x, dy), run_step(m, 2 * x + 1, dy)]
+        steps.append(run_step(m.eval(), x, dy))
+        state = [t for t in (m.running_mean, m.running_var, m.num_batches_tracked)
+                 if t is not None]
+        return [t for step in steps for t in step if t is not None] + state
+
+    ours, plain = fused_and_plain(device, launches, three_steps)
+    for a, b in zip(ours, plain, strict=True):
+        assert_close(a.float(), b.float(), a.dtype if a.is_floating_point() else None)
+
+
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fused_functional_matches_plain_for_odd_strides_and_gradients(fused, mode, split,
+                                                                      monkeypatch):
+    # A sliced input (copied to contiguous first), an expanded gradient (stride 0), a weight
+    # without a bias, and no running statistics in training.
+    from bncore import _triton
+
+    device, launches = fused
+    monkeypatch.setattr(_triton, "force_split", split)
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(10, 8, 6, 5, generator=gen).to(device)
+    x = base[::2, 1:6, :, ::2]  # (5, 5, 6, 3), neither contiguous nor channels_last
+    w = torch.linspace(0.5, 1.5, 5, device=device)
+    stats = (None, None) if mode == "train" else (torch.randn(5, generator=gen).to(device),
+                                                  torch.rand(5, generator=gen).to(device) + 0.5)
+
+    def step():
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        out = bt.batch_norm(xg, *stats, wg, None, training=mode == "train")
+        out.sum().backward()
+        return out, xg.grad, wg.grad
+
+    for a, b in zip(*fused_and_plain(device, launches, step), strict=True):
         assert_close(a, b)
-    y = fused.affine_centered(x, mean, scale, shift)
-    assert y.stride() == x.stride()
-    assert_close(y, plain.affine_centered(x, mean, scale, shift))
-    assert_close(
-        fused.affine_centered(x, mean, scale, shift, dy, dy_scale),
-        plain.affine_centered(x, mean, scale, shift, dy, dy_scale),
-    )
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NumPy
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_non_finite_batch_reaches_output_but_not_running_stats(fused, momentum, split,
+                                                                     monkeypatch):
+    from bncore import _triton
+
+    device, _ = fused
+    monkeypatch.setattr(_triton, "force_split", split)
+    m = bt.BatchNorm1d(5, momentum=momentum, device=device)
+    x = torch.randn(300, 5, generator=torch.Generator().manual_seed(10)).to(device)
+    m(x)
+    before = state_of(m)
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[3, 1] = bad
+        out = m(x_bad)
+        assert out[:, 1].isnan().all() and out[:, [0, 2, 3, 4]].isfinite().all()
+        assert_state_unchanged(m, before)
+    m(x)
+    assert m.num_batches_tracked.item() == 2  # and the next good step carries on
+
+
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+def test_fused_large_offset_does_not_destroy_the_statistics(fused, split, monkeypatch):
+    from bncore import _triton
+
+    device, _ = fused
+    monkeypatch.setattr(_triton, "force_split", split)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 4, 36, generator=gen, dtype=torch.float64) + 1e4).float()
+    exact = x.double()  # the same numbers, normalized in float64 around their exact mean
+    mean, var = exact.mean((0, 2)), exact.var((0, 2), unbiased=False)
+    expected = (exact - mean[:, None]) / torch.sqrt(var[:, None] + 1e-5)
+    rm, rv = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    out = bt.batch_norm(x.to(device), rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=2e-3)
+    torch.testing.assert_close(rv.double().cpu(), var * 2304 / 2303, rtol=1e-5, atol=0)
+    torch.testing.assert_close(rm.double().cpu(), mean, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize(("split", "train_launches"), [(False, (2, 1)), (True, (3, 2))],
+                         ids=PATH_IDS)
+def test_fused_launches_per_step(fused, split, train_launches, monkeypatch):
+    # Training forward: statistics (and normalizing, on channel blocks), the finalize step
+    # with the running statistics, and normalizing on the split path. Backward: one kernel on
+    # channel blocks, two when split. Evaluation: one. No PyTorch operation computes anything
+    # on the way: the only aten operations are the allocations of the outputs.
+    from bncore import _triton
+
+    class AtenCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not launches.launching:
+                self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    device, launches = fused
+    monkeypatch.setattr(_triton, "force_split", split)
+    m = bt.BatchNorm2d(6, device=device)
+    x = torch.randn(24, 6, 5, 5, device=device).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    run_step(m, x, dy)  # compiles the kernels
+    x.requires_grad_()
+    launches.reset()
+    with AtenCalls() as calls:
+        out = m(x)
+        forward = launches.total()
+        torch.autograd.grad(out, (x, m.weight, m.bias), dy)
+    assert (forward, launches.total() - forward) == train_launches, launches.counts
+    assert calls.names <= {"empty", "empty_like", "empty_strided"}, calls.names
+    launches.reset()
+    with torch.no_grad():
+        m.eval()(x)
+    assert launches.total() == 1
+
+
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA,
+                    reason="needs Triton; with a GPU the CUDA tests compile the kernels")
+def test_fused_kernels_compile_for_a_hopper_gpu():
+    # The interpreter runs the kernels' Python; the compiler is stricter. This compiles each
+    # kernel variant for sm_90 down to a cubin, with no GPU, and fails on any spill.
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "compile_kernels.py"), "--quick"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------
+# On CUDA only: host synchronization, CUDA graphs, torch.compile, kernels per step
+# ----------------------------------------------------------------------------------------
+
+def on_cuda_with_triton(test):
+    test = pytest.mark.cuda(test)
+    return pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and Triton")(test)
+
+
+@on_cuda_with_triton
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+def test_cuda_graph_replays_a_fused_training_step(split, monkeypatch):
+    from bncore import _triton
+
+    monkeypatch.setattr(_triton, "force_split", split)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(16, 6, 8, 8, generator=gen).cuda()
+    dy = torch.randn(16, 6, 8, 8, generator=gen).cuda()
+    eager, graphed = bt.BatchNorm2d(6, device="cuda"), bt.BatchNorm2d(6, device="cuda")
+    static_x = x.clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (kernel compilation) outside the capture
+        run_step(graphed, static_x, dy)
+    torch.cuda.current_stream().wait_stream(stream)
+    graphed.load_state_dict(eager.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = graphed(static_x)
+        (static_dx,) = torch.autograd.grad(static_out, static_x, dy)
+    for step in range(3):
+        static_x.data.copy_(x * (step + 1))
+        graph.replay()
+        out, dx, _, _ = run_step(eager, x * (step + 1), dy)
+        assert_close(static_out, out)
+        assert_close(static_dx, dx)
+    assert_same_state(graphed, eager)
+
+
+@on_cuda_with_triton
+def test_torch_compile_runs_the_fused_path():
+    m = bt.BatchNorm2d(6, device="cuda")
+    reference = bt.BatchNorm2d(6, device="cuda")
+    compiled = torch.compile(m, backend="aot_eager")
+    x = torch.randn(8, 6, 5, 5, device="cuda")
+    dy = torch.randn_like(x)
+    for a, b in zip(run_step(compiled, x, dy), run_step(reference, x, dy), strict=True):
+        assert_close(a, b)
+    assert_same_state(m, reference)
+
+
+@on_cuda_with_triton
+@pytest.mark.parametrize("split", PATHS, ids=PATH_IDS)
+def test_cuda_training_step_runs_at_most_six_kernels(split, monkeypatch):
+    from torch.profiler import ProfilerActivity, profile
+
+    from bncore import _triton
+
+    monkeypatch.setattr(_triton, "force_split", split)
+    m = bt.BatchNorm2d(64, device="cuda")
+    x = torch.randn(32, 64, 16, 16, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    run_step(m, x, dy)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = m(x)
+        torch.autograd.grad(out, (x, m.weight, m.bias), dy)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == (5 if split else 3) <= 6, kernels
