@@ -22,7 +22,6 @@ import numpy as np
 
 from bncore.channel import Remote
 
-
 SECRET_ENV = "BNGRADE_SECRET"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 from nbgrader.preprocessors import NbGraderPreprocessor
 
-from bncore.runner import nbgrader_meta
+from bncore.runner import BEGIN_HIDDEN, END_HIDDEN, nbgrader_meta
 
 
 class SanitizeSubmission(NbGraderPreprocessor):
@@ -61,7 +61,16 @@ class SanitizeSubmission(NbGraderPreprocessor):
                 continue
             name = meta.get("grade_id") if isinstance(meta, dict) else None
             if isinstance(name, str) and last.get(name) == index:
-                cell.metadata["nbgrader"] = dict(canonical[name][0])
+                meta, cell_type, source = canonical[name]
+                cell.metadata["nbgrader"] = dict(meta)
+                if meta["locked"] and cell.cell_type == cell_type and cell.source != source:
+                    # A test cell as released lacks its hidden tests: put them back quietly
+                    # (nbgrader's OverwriteCells would warn about every test cell of every
+                    # submission); a cell the student edited is named in the log.
+                    if _visible(cell.source) != _visible(source):
+                        self.log.warning("putting back the original of the edited cell %s",
+                                         name)
+                    cell.source = source
             else:
                 # An unknown id, malformed metadata, or an earlier copy of a duplicated cell
                 # (nbgrader's DeduplicateIds would leave it an empty nbgrader dict, which
@@ -107,3 +116,15 @@ class SanitizeSubmission(NbGraderPreprocessor):
                 if nbgrader_meta(c).get("grade_id")]
 
 
+def _visible(source: str) -> str:
+    """A cell's source without its hidden regions, blank lines and trailing spaces: what a
+    student was shown of it."""
+    lines, inside = [], False
+    for line in source.split("\n"):
+        if BEGIN_HIDDEN in line:
+            inside = True
+        elif END_HIDDEN in line:
+            inside = False
+        elif not inside and line.strip():
+            lines.append(line.rstrip())
+    return "\n".join(lines)
