@@ -25,13 +25,13 @@ import time
 if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("run it in a fresh process, without TRITON_INTERPRET=1")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 
-import bncore.torch as bt  # noqa: E402
-from bncore import _triton  # noqa: E402
+import bncore.torch as bt
+from bncore import _triton
 
 MULTIPROCESSORS = 132  # an H100 or H200: the split path's grid depends on it
 CASES = [  # (shape, channels_last)

@@ -28,6 +28,8 @@ Values cross as:
   kernel asks the checker to run it.
 """
 
+from __future__ import annotations
+
 import base64
 import builtins
 import io
@@ -35,11 +37,12 @@ import json
 import math
 import sys
 import traceback
+from typing import Any
 
 try:
     import numpy as np
 except ImportError:  # reported by the cells that need it; the channel still works
-    np = None
+    np = None  # type: ignore[assignment]
 
 PLAIN_KINDS = "biufc"  # the dtype kinds that may cross: bool, int, uint, float, complex
 MAX_DEPTH = 32
@@ -49,14 +52,14 @@ FILENAME = "<bncore notebook server>"
 _OWN_FILES = (FILENAME, globals().get("__file__") or FILENAME)
 
 
-def encode_array(array):
+def encode_array(array: Any) -> str:
     """A plain-dtype ndarray as base64 ``.npy`` bytes."""
     buffer = io.BytesIO()
     np.save(buffer, np.require(array, requirements="C"), allow_pickle=False)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_array(text, max_bytes=1 << 28):
+def decode_array(text: str, max_bytes: int = 1 << 28) -> Any:
     """The ndarray of :func:`encode_array`; ValueError for anything but a plain-dtype array."""
     if np is None:
         raise ModuleNotFoundError("NumPy cannot be imported in this Python", name="numpy")
@@ -70,16 +73,16 @@ def decode_array(text, max_bytes=1 << 28):
     return array
 
 
-def encode_float(value):
+def encode_float(value: float) -> Any:
     return value if math.isfinite(value) else {"float": repr(value)}
 
 
-def is_plain_array(value):
+def is_plain_array(value: Any) -> bool:
     return np is not None and type(value) is np.ndarray and value.dtype.kind in PLAIN_KINDS \
         and value.dtype.fields is None
 
 
-def is_numpy_scalar(value):
+def is_numpy_scalar(value: Any) -> bool:
     return np is not None and isinstance(value, np.generic) \
         and type(value).__module__ == "numpy" and np.dtype(type(value)).kind in PLAIN_KINDS
 
@@ -90,13 +93,13 @@ _MISSING = object()
 class _Callback:
     """A function of the checker's, called from the kernel."""
 
-    def __init__(self, server, key):
+    def __init__(self, server: NotebookServer, key: int) -> None:
         self._server, self._key = server, key
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._server.call_back(self._key, args, kwargs)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<test function {self._key}>"
 
 
@@ -107,18 +110,18 @@ class CheckerError(Exception):
 class NotebookServer:
     """Answers the checker's requests inside the kernel (see the module docstring)."""
 
-    def __init__(self, namespace):
+    def __init__(self, namespace: dict[str, Any]) -> None:
         self.namespace = namespace
-        self.objects = {}        # key -> object kept in the kernel (remote handles)
-        self.keys = {}           # id(object) -> key
-        self.linked = {}         # key -> [array, copy as last synced]
-        self.linked_ids = {}     # id(array) -> key
-        self.replaced = {}       # name -> the notebook's value it had before a test replaced it
+        self.objects: dict[int, Any] = {}     # key -> object kept in the kernel (handles)
+        self.keys: dict[int, int] = {}        # id(object) -> key
+        self.linked: dict[int, list] = {}     # key -> [array, copy as last synced]
+        self.linked_ids: dict[int, int] = {}  # id(array) -> key
+        self.replaced: dict[str, Any] = {}    # name -> its value before a test replaced it
         self.input = builtins.input
 
     # -- the codec, kernel side --
 
-    def encode(self, value, depth=0):
+    def encode(self, value: Any, depth: int = 0) -> Any:
         kind = type(value)
         if value is None or kind in (bool, int, str):
             return value
@@ -144,7 +147,7 @@ class NotebookServer:
                                  for k, v in value.items()]}
         return self.remote(value)
 
-    def remote(self, value):
+    def remote(self, value: Any) -> dict[str, Any]:
         key = self.keys.get(id(value))
         if key is None or self.objects.get(key) is not value:
             key = len(self.objects) + 1
@@ -155,7 +158,7 @@ class NotebookServer:
         return {"remote": key, "type": type(value).__qualname__, "callable": callable(value),
                 "name": str(name)[:100]}
 
-    def decode(self, value):
+    def decode(self, value: Any) -> Any:
         if not isinstance(value, dict):
             return [self.decode(v) for v in value] if isinstance(value, list) else value
         if "float" in value:
@@ -186,7 +189,7 @@ class NotebookServer:
             return self.lookup(value["name"])
         raise ValueError(f"cannot decode {sorted(value)}")
 
-    def lookup(self, name):
+    def lookup(self, name: str) -> Any:
         try:
             return self.namespace[name]
         except KeyError:
@@ -195,7 +198,7 @@ class NotebookServer:
 
     # -- linked arrays: changes travel with every message --
 
-    def sync_out(self):
+    def sync_out(self) -> dict[int, str]:
         changed = {}
         for key, (array, copy) in self.linked.items():
             if array.shape != copy.shape or not np.array_equal(array, copy, equal_nan=True):
@@ -203,7 +206,7 @@ class NotebookServer:
                 self.linked[key][1] = array.copy()
         return changed
 
-    def sync_in(self, changed):
+    def sync_in(self, changed: dict[str, str] | None) -> None:
         for key, text in (changed or {}).items():
             array = self.linked[int(key)][0]
             new = decode_array(text)
@@ -213,9 +216,9 @@ class NotebookServer:
 
     # -- requests --
 
-    def handle(self, request):
+    def handle(self, request: dict[str, Any]) -> Any:
         op = request["op"]
-        target = self.decode(request["target"]) if "target" in request else None
+        target: Any = self.decode(request["target"]) if "target" in request else None
         if op == "get":
             return self.lookup(request["name"])
         if op == "getattr":
@@ -249,7 +252,7 @@ class NotebookServer:
             return None
         raise ValueError(f"unknown request {op!r}")
 
-    def answer(self, request):
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """The reply to one request: its result or the error it raised."""
         try:
             self.sync_in(request.get("sync"))
@@ -257,7 +260,7 @@ class NotebookServer:
         except BaseException as error:  # every error, SystemExit and interrupts too, is reported
             return {"kind": "result", "error": describe_error(error)}
 
-    def exchange(self, message):
+    def exchange(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send a message to the checker and return its reply (a request or a callback's
         result), answering the requests that come first."""
         while True:
@@ -271,7 +274,7 @@ class NotebookServer:
                 self.sync_in(reply.get("sync"))
                 return reply
 
-    def call_back(self, key, args, kwargs):
+    def call_back(self, key: int, args: tuple, kwargs: dict[str, Any]) -> Any:
         reply = self.exchange({"kind": "callback", "key": key,
                                "args": [self.encode(a) for a in args],
                                "kwargs": {k: self.encode(v) for k, v in kwargs.items()}})
@@ -279,7 +282,7 @@ class NotebookServer:
             raise CheckerError(reply["error"]["message"])
         return self.decode(reply["ok"])
 
-    def serve(self):
+    def serve(self) -> None:
         """Answer the checker's requests until it says it is done (one test cell)."""
         self.input = builtins.input  # the kernel's own, set for this execute request
         self.forget_links()  # the arrays of the previous test cell
@@ -291,12 +294,12 @@ class NotebookServer:
                                   else {"kind": "result", "error": describe_error(
                                       ValueError(f"unexpected {reply['kind']!r}"))})
 
-    def forget_links(self):
+    def forget_links(self) -> None:
         self.linked.clear()
         self.linked_ids.clear()
 
 
-def describe_error(error):
+def describe_error(error: BaseException) -> dict[str, Any]:
     """An exception as plain data: its type, its message, and the traceback of the student's
     code (the frames of this file left out)."""
     frames = [frame for frame in traceback.extract_tb(error.__traceback__)
@@ -308,6 +311,6 @@ def describe_error(error):
             "traceback": "".join(lines)[-6000:]}
 
 
-def install(namespace):
+def install(namespace: dict[str, Any]) -> None:
     """Define ``__bncore_server__`` in the notebook's namespace."""
     namespace["__bncore_server__"] = NotebookServer(namespace)

@@ -31,7 +31,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,25 +116,26 @@ class Remote:
 
     __slots__ = ("_channel", "_key", "_type", "_callable", "_name")
 
-    def __init__(self, channel, key: int, type_name: str, is_callable: bool, name: str = ""):
+    def __init__(self, channel: Any, key: int, type_name: str, is_callable: bool,
+                 name: str = "") -> None:
         object.__setattr__(self, "_channel", channel)
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_type", type_name)
         object.__setattr__(self, "_callable", is_callable)
         object.__setattr__(self, "_name", name)
 
-    def _ask(self, op: str, **fields):
+    def _ask(self, op: str, **fields: Any) -> Any:
         return self._channel.request(op, target={"remote": self._key}, **fields)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if _dunder(name):  # NumPy and Python probe for these: never ask the notebook
             raise AttributeError(name)
         return self._ask("getattr", name=name)
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         self._ask("setattr", name=name, value=self._channel.encode(value))
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return self._ask("call", args=[self._channel.encode(a) for a in args],
                              kwargs={k: self._channel.encode(v) for k, v in kwargs.items()})
@@ -141,13 +144,13 @@ class Remote:
                 error.raised_in = self._name
             raise
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         return self._ask("getitem", key=self._channel.encode(key))
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         self._ask("setitem", key=self._channel.encode(key), value=self._channel.encode(value))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<{self._type} object in the notebook>"
 
     def isinstance_of(self, remote_class: Remote) -> bool:
@@ -158,22 +161,22 @@ class Remote:
 class Notebook:
     """``nb`` in a test cell run by the checker: the notebook's names, through the channel."""
 
-    def __init__(self, channel):
+    def __init__(self, channel: NotebookChannel) -> None:
         object.__setattr__(self, "_channel", channel)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if _dunder(name):
             raise AttributeError(name)
         return self._channel.get(name)
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("a test cannot assign to the notebook's names")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<the notebook's names>"
 
     @contextlib.contextmanager
-    def replaced(self, name: str, value):
+    def replaced(self, name: str, value: Any) -> Iterator[None]:
         """Within the block, the notebook's ``name`` is ``value`` (a test's function, say)."""
         self._channel.request("replace", name=name, value=self._channel.encode(value))
         try:
@@ -189,7 +192,8 @@ class NotebookChannel:
     interrupts the kernel (default: the manager's ``interrupt_kernel``, run synchronously).
     """
 
-    def __init__(self, kernel_manager, interrupt=None, max_output_bytes: int = 1 << 20):
+    def __init__(self, kernel_manager: Any, interrupt: Callable[[], Any] | None = None,
+                 max_output_bytes: int = 1 << 20) -> None:
         from jupyter_client.blocking import BlockingKernelClient
 
         self.km = kernel_manager
@@ -201,7 +205,7 @@ class NotebookChannel:
         self.max_output_bytes = max_output_bytes
         self._reset()
 
-    def _reset(self):
+    def _reset(self) -> None:
         self.outputs: list[dict] = []        # what the notebook printed during the session
         self._output_bytes = 0
         self.codec = Codec(self)
@@ -210,13 +214,13 @@ class NotebookChannel:
         self._msg_id = None
         self._budget = math.inf  # seconds the notebook's code may still run in this session
 
-    def encode(self, value):
+    def encode(self, value: Any) -> Any:
         return self.codec.encode(value)
 
-    def decode(self, value):
+    def decode(self, value: Any) -> Any:
         return self.codec.decode(value)
 
-    def close(self):
+    def close(self) -> None:
         with contextlib.suppress(Exception):
             self.kc.stop_channels()
 
@@ -252,7 +256,7 @@ class NotebookChannel:
     # -- a session: one test cell --
 
     @contextlib.contextmanager
-    def session(self, timeout: float):
+    def session(self, timeout: float) -> Iterator[Notebook]:
         """Serve one test cell: yields ``nb``. ``timeout`` bounds the notebook's time in it."""
         self._reset()
         self._budget = timeout
@@ -267,7 +271,7 @@ class NotebookChannel:
         finally:
             self._finish()
 
-    def _finish(self):
+    def _finish(self) -> None:
         if self._msg_id is None:
             return
         msg_id, self._msg_id = self._msg_id, None
@@ -285,7 +289,7 @@ class NotebookChannel:
 
     # -- requests --
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         if name in self._names:
             return self._names[name]
         try:
@@ -297,7 +301,7 @@ class NotebookChannel:
             self._names[name] = value  # a function or class: fetched once per test cell
         return value
 
-    def request(self, op: str, **fields):
+    def request(self, op: str, **fields: Any) -> Any:
         """Send a request to the kernel and return its decoded result."""
         if self._msg_id is None:
             raise ChannelError("the notebook is reachable only while a test cell runs")
@@ -393,7 +397,7 @@ class NotebookChannel:
                 self.codec.sync_in(message.get("sync"))
                 return message
 
-    def _drain_iopub(self, msg_id) -> None:
+    def _drain_iopub(self, msg_id: str | None) -> None:
         while True:
             try:
                 msg = self.kc.iopub_channel.get_msg(timeout=0)
@@ -416,12 +420,12 @@ class NotebookChannel:
         if self._output_bytes <= self.max_output_bytes:
             self.outputs.append(output)
 
-    def _check_alive(self):
+    def _check_alive(self) -> None:
         if not _call(self.km.is_alive):
             self._msg_id = None
             raise ChannelError("the notebook's kernel died")
 
-    def interrupt(self):
+    def interrupt(self) -> None:
         if self._interrupt is not None:
             self._interrupt()
         else:
@@ -432,14 +436,14 @@ class Codec:
     test passes in, encoded; what the kernel sends back, decoded and checked. ``owner`` is the
     channel the :class:`Remote` handles it makes belong to."""
 
-    def __init__(self, owner):
+    def __init__(self, owner: Any) -> None:
         self.owner = owner
         self.linked: dict[int, list] = {}   # key -> [array, copy as last synced]
         self.linked_ids: dict[int, int] = {}
-        self.callbacks: dict[int, object] = {}
+        self.callbacks: dict[int, Callable[..., Any]] = {}
         self.remotes: dict[int, Remote] = {}  # one handle per object: `s.fit(X) is s` holds
 
-    def sync_out(self) -> dict:
+    def sync_out(self) -> dict[str, str]:
         changed = {}
         for key, (array, copy) in self.linked.items():
             if array.shape != copy.shape or not np.array_equal(array, copy, equal_nan=True):
@@ -447,7 +451,7 @@ class Codec:
                 self.linked[key][1] = array.copy()
         return changed
 
-    def sync_in(self, changed) -> None:
+    def sync_in(self, changed: Any) -> None:
         if not isinstance(changed, dict):
             return
         for key, text in changed.items():
@@ -459,7 +463,7 @@ class Codec:
                 np.copyto(entry[0], new, casting="unsafe")
             entry[1] = entry[0].copy()
 
-    def encode(self, value, depth: int = 0):
+    def encode(self, value: Any, depth: int = 0) -> Any:
         """A value of the test's as the kernel will decode it."""
         kind = type(value)
         if value is None or kind in (bool, int, str):
@@ -500,7 +504,7 @@ class Codec:
         raise TypeError(f"a {kind.__name__} cannot be passed to the notebook: pass plain data "
                         "(numbers, strings, arrays, lists, dicts) or objects from the notebook")
 
-    def decode(self, value, depth: int = 0):
+    def decode(self, value: Any, depth: int = 0) -> Any:
         """What the kernel sent, as plain data and handles; ChannelError for anything else."""
         kind = type(value)
         if value is None or kind in (bool, int, float, str):
@@ -558,7 +562,7 @@ class Codec:
         raise ChannelError("the notebook's kernel sent a malformed answer")
 
 
-def _call(method):
+def _call(method: Callable[[], Any]) -> Any:
     """Call a kernel manager's method, synchronous or asynchronous alike."""
     import inspect
 
@@ -569,7 +573,7 @@ def _call(method):
     return method()
 
 
-def _items(value) -> list:
+def _items(value: Any) -> list:
     if type(value) is not list:
         raise ValueError("expected a list")
     return value

@@ -25,7 +25,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 #: Set while a notebook runs inside a check (the notebook's own self_check() stands aside).
 CHECKING_ENV = "BNCORE_SELF_CHECK"
@@ -35,7 +37,7 @@ _RELEASES = Path(__file__).with_name("releases.json")
 class _ThisKernel:
     """``nb`` when a test cell runs in the notebook's own kernel."""
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         namespace = _user_namespace()
@@ -44,11 +46,11 @@ class _ThisKernel:
                             "and is the name spelled as in the instructions?")
         return namespace[name]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<the notebook's names>"
 
     @contextlib.contextmanager
-    def replaced(self, name: str, value):
+    def replaced(self, name: str, value: Any) -> Iterator[None]:
         """Within the block, the notebook's ``name`` is ``value``."""
         namespace = _user_namespace()
         missing = object()
@@ -134,7 +136,7 @@ def _cells_run(path: Path, ran: set) -> int:
 # --- running the check --------------------------------------------------------------------------
 
 
-def as_graded(notebook) -> list[str]:
+def as_graded(notebook: Any) -> list[str]:
     """Put the notebook's locked cells (tests, set-up, instructions) back as released, in
     place, as grading does (bngrade.sanitize and nbgrader's OverwriteCells): edited ones get
     their released source, deleted ones return after the locked cell before them, unknown or
@@ -197,7 +199,7 @@ def as_graded(notebook) -> list[str]:
     return changed
 
 
-def _new_cell(original: dict):
+def _new_cell(original: dict[str, Any]) -> Any:
     import nbformat
 
     maker = (nbformat.v4.new_code_cell if original["cell_type"] == "code"
@@ -205,7 +207,7 @@ def _new_cell(original: dict):
     return maker(original["source"])
 
 
-def edited_locked_cells(notebook) -> list[str]:
+def edited_locked_cells(notebook: Any) -> list[str]:
     """The locked cells (tests, set-up) that differ from the release, by their nbgrader
     checksum (nbgrader's own recipe). Grading puts the originals back, so a check of an edited
     test says nothing about the grade."""
@@ -229,7 +231,9 @@ def edited_locked_cells(notebook) -> list[str]:
     return edited
 
 
-def run_checks(notebook, *, timeout: int = 60, path: Path | None = None):
+def run_checks(notebook: Any, *, timeout: int = 60, path: Path | None = None
+               ) -> tuple[list[tuple[str, str, float, bool, str]], list[tuple[str, str]],
+                          dict[str, Any]]:
     """Run a notebook (a NotebookNode) as the grader does, without the hidden tests: every
     cell but the tests in a fresh kernel of this Python, the tests here. Returns
     ``(checks, errors, report)``: checks are ``(cell name, grade_id, points, passed,
@@ -247,7 +251,7 @@ def run_checks(notebook, *, timeout: int = 60, path: Path | None = None):
     )
 
     class ThisPython(KernelSpecManager):
-        def get_kernel_spec(self, kernel_name):
+        def get_kernel_spec(self, kernel_name: str, *args: Any, **kwargs: Any) -> KernelSpec:
             return KernelSpec(argv=[sys.executable, "-m", "ipykernel_launcher", "-f",
                                     "{connection_file}"], display_name="Python 3",
                               language="python", name=kernel_name)
@@ -284,7 +288,8 @@ def run_checks(notebook, *, timeout: int = 60, path: Path | None = None):
     return checks, errors, report
 
 
-def summarize(checks, errors, out=None) -> bool:
+def summarize(checks: Sequence[tuple[str, str, float, bool, str]],
+              errors: Sequence[tuple[str, str]], out: TextIO | None = None) -> bool:
     """Print the list of checks and the total; True when every check passed and no cell
     raised."""
     out = out or sys.stdout
@@ -297,19 +302,20 @@ def summarize(checks, errors, out=None) -> bool:
               file=out)
     for name, message in errors:
         print(f"  ERROR   {name}: {message[:200]}", file=out)
-    passed = sum(1 for *_, ok, _ in checks if ok)
+    count = sum(1 for *_, ok, _ in checks if ok)
     earned = sum(points for _, _, points, ok, _ in checks if ok)
     total = sum(points for _, _, points, _, _ in checks)
-    print(f"{passed} of {len(checks)} checks passed ({earned:g} of {total:g} points from the "
+    print(f"{count} of {len(checks)} checks passed ({earned:g} of {total:g} points from the "
           "visible tests)" + (f"; {len(errors)} other cell(s) raised an error" if errors else "")
           + ".", file=out)
-    ok = bool(checks) and passed == len(checks) and not errors
+    ok = bool(checks) and count == len(checks) and not errors
     if not ok:
         print("Fix the first failure first: later checks often depend on it.", file=out)
     return ok
 
 
-def check_file(path, *, timeout: int = 60, out=None, as_json: bool = False) -> int:
+def check_file(path: str | os.PathLike, *, timeout: int = 60, out: TextIO | None = None,
+               as_json: bool = False) -> int:
     """The terminal self-check of a saved notebook: 0 when every check passed, 1 when one
     failed or a cell raised, 2 when there is no notebook to check. ``as_json``: print the
     checks as JSON (for tools) instead of the list."""
@@ -356,7 +362,7 @@ def released_tests(assignment: str) -> dict:
     return releases[assignment]
 
 
-def check_this_kernel(assignment: str, out=None) -> bool:
+def check_this_kernel(assignment: str, out: TextIO | None = None) -> bool:
     """Run the assignment's visible tests, here, against this kernel's functions."""
     import io
     import traceback
@@ -396,6 +402,7 @@ def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) 
         print("(self-check skipped: this notebook is being checked or graded right now)")
         return True
     name = None if notebook is None else str(notebook)
+    path: Path | None
     if name is not None and name.endswith(".ipynb") and Path(name).is_file():
         path, how = Path(name), "the file you named"
         assignment = notebook_assignment(path)
@@ -424,7 +431,7 @@ def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) 
     return True
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -34,6 +34,7 @@ import pkgutil
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 
@@ -49,27 +50,27 @@ SKIP_TAG = "skip-when-checked"
 # --- what a cell is ------------------------------------------------------------------------------
 
 
-def nbgrader_meta(cell) -> dict:
+def nbgrader_meta(cell: Any) -> dict:
     """The cell's nbgrader metadata (an empty dict when it has none or it is malformed)."""
     meta = cell.get("metadata", {}).get("nbgrader", {})
     return meta if isinstance(meta, dict) else {}
 
 
-def is_test_cell(cell) -> bool:
+def is_test_cell(cell: Any) -> bool:
     """An autograded test: a code cell that carries points and is not an answer."""
     meta = nbgrader_meta(cell)
     return cell.get("cell_type") == "code" and bool(meta.get("grade")) \
         and not meta.get("solution")
 
 
-def is_setup_cell(cell) -> bool:
+def is_setup_cell(cell: Any) -> bool:
     """The locked cell named ``setup``: it runs in the kernel and in the checker."""
     meta = nbgrader_meta(cell)
     return cell.get("cell_type") == "code" and meta.get("grade_id") == "setup" \
         and bool(meta.get("locked")) and not meta.get("grade")
 
 
-def is_skipped(cell) -> bool:
+def is_skipped(cell: Any) -> bool:
     return SKIP_TAG in (cell.get("metadata", {}).get("tags") or [])
 
 
@@ -95,7 +96,7 @@ def split_hidden(source: str) -> tuple[str, str]:
 # --- the rules ----------------------------------------------------------------------------------
 
 
-def outcome(cell) -> tuple[bool, str]:
+def outcome(cell: Any) -> tuple[bool, str]:
     """Whether a test cell passed, and the first line of its error when it did not.
 
     The one rule of the course: a test cell fails when it has an error output. The runner
@@ -161,7 +162,7 @@ def imported_modules(sources: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def blocked_modules(notebook) -> list[str]:
+def blocked_modules(notebook: Any) -> list[str]:
     """The modules a notebook's kernel may not import while it is checked: every bncore module
     that the notebook's locked cells do not need (directly or through other bncore modules),
     and torch unless they import it. The answers must be the student's own code, not the
@@ -247,7 +248,7 @@ class TestCells:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             exec(code, self.namespace)  # the course's own locked cell
 
-    def run(self, cell) -> list[dict]:
+    def run(self, cell: Any) -> list[Any]:
         """Run one test cell; its outputs (nbformat dicts)."""
         name = nbgrader_meta(cell).get("grade_id", "test")
         visible, hidden = split_hidden(cell.get("source", ""))
@@ -279,12 +280,12 @@ class TestCells:
         return outputs
 
 
-def _compile(source: str, filename: str):
+def _compile(source: str, filename: str) -> Any:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return compile(source, filename, "exec", dont_inherit=True)
 
 
-def _error_output(ename: str, evalue: str, traceback_lines: list[str]):
+def _error_output(ename: str, evalue: str, traceback_lines: list[str]) -> Any:
     return nbformat.from_dict({"output_type": "error", "ename": ename, "evalue": evalue,
                                "traceback": traceback_lines or [f"{ename}: {evalue}"]})
 
@@ -317,10 +318,17 @@ class RunsTestsOutsideKernel:
     ``self.setup_kernel()``; it returns what happened, a dict (the grader's record)."""
 
     run_hidden_tests = False
+    if TYPE_CHECKING:  # provided by nbclient's NotebookClient
+        nb: Any
+        km: Any
+        timeout: int | None
 
-    def run_cells(self) -> dict:
-        report = {"timed_out": [], "kernel_died": None, "not_run": [], "skipped": [],
-                  "visible_failed": [], "errors": []}
+        def execute_cell(self, cell: Any, cell_index: int, store_history: bool = True
+                         ) -> Any: ...
+
+    def run_cells(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"timed_out": [], "kernel_died": None, "not_run": [],
+                                  "skipped": [], "visible_failed": [], "errors": []}
         channel = NotebookChannel(self.km)
         try:
             channel.install()
@@ -338,7 +346,7 @@ class RunsTestsOutsideKernel:
                     and cell.get("execution_count") is not None else None
         return report
 
-    def _run_all(self, tests: TestCells, report: dict) -> None:
+    def _run_all(self, tests: TestCells, report: dict[str, Any]) -> None:
         stopped = None
         for index, cell in enumerate(self.nb.cells):
             if cell.cell_type != "code":
@@ -361,7 +369,8 @@ class RunsTestsOutsideKernel:
                 if stopped is None and is_setup_cell(cell):
                     tests.run_setup(cell.source)
 
-    def _run_test(self, tests: TestCells, cell, name: str, report: dict) -> str | None:
+    def _run_test(self, tests: TestCells, cell: Any, name: str, report: dict[str, Any]
+                  ) -> str | None:
         try:
             cell.outputs = tests.run(cell)
         except KernelStuck as error:
@@ -379,7 +388,8 @@ class RunsTestsOutsideKernel:
             report["timed_out"].append(name)
         return None
 
-    def _run_in_kernel(self, cell, index: int, name: str, report: dict) -> str | None:
+    def _run_in_kernel(self, cell: Any, index: int, name: str, report: dict[str, Any]
+                       ) -> str | None:
         from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
         try:
@@ -405,14 +415,14 @@ class RunsTestsOutsideKernel:
             report["errors"].append([name, message])
         return None
 
-    def _stop_kernel(self):
+    def _stop_kernel(self) -> None:
         from jupyter_core.utils import run_sync
 
         with contextlib.suppress(Exception):
             run_sync(self.km.shutdown_kernel)(now=True)
 
 
-def cell_name(notebook, index: int) -> str:
+def cell_name(notebook: Any, index: int) -> str:
     """How a cell is named to a student: its number among the code cells, as JupyterLab
     shows it after *Restart Kernel and Run All Cells* (``[4]``), and its nbgrader id."""
     number = sum(1 for c in notebook.cells[: index + 1] if c.cell_type == "code")

@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urldefrag, urlsplit
 
 import pytest
+
 from tests.test_book import (
     CHAPTERS,
     NOTEBOOKS,

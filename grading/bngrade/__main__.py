@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from bngrade import __doc__ as PACKAGE_DOC
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bngrade", description=PACKAGE_DOC,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     return COMMANDS[args.command](args)
 
 
-def _release(args) -> int:
+def _release(args: argparse.Namespace) -> int:
     from bngrade.release import release
 
     names = release(args.assignments, release_directory=args.release_directory)
@@ -44,13 +45,13 @@ def _release(args) -> int:
     return 0
 
 
-def _canary(args) -> int:
+def _canary(args: argparse.Namespace) -> int:
     from bngrade.canary import check
 
     return 0 if check(args.assignments) else 1
 
 
-def _scan(args) -> int:
+def _scan(args: argparse.Namespace) -> int:
     from bngrade.scan import scan_submission
 
     suspicious = 0
@@ -61,7 +62,7 @@ def _scan(args) -> int:
     return 1 if suspicious else 0
 
 
-def _similarity(args) -> int:
+def _similarity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bngrade.similarity import report
@@ -71,7 +72,7 @@ def _similarity(args) -> int:
     return 0
 
 
-def _written(args) -> int:
+def _written(args: argparse.Namespace) -> int:
     from bngrade.written import set_written_score, written_answers
 
     if args.score:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -39,10 +40,10 @@ def hidden_rng(seed: int) -> np.random.Generator:
 
 def assert_close(
     name: str,
-    actual,
-    expected,
+    actual: Any,
+    expected: Any,
     *,
-    mistakes: Iterable[tuple[str, object]] = (),
+    mistakes: Iterable[tuple[str, Any]] = (),
     rtol: float = 1e-7,
     atol: float = 1e-9,
     hint: str = "",
@@ -82,9 +83,9 @@ def assert_close(
         return None
 
     if actual.shape != expected.shape:
-        message = named_mistake() or "check which axis you reduce over"
+        reason = named_mistake() or "check which axis you reduce over"
         raise AssertionError(
-            f"{name} has shape {actual.shape}, expected {expected.shape}: {message}.{suffix}"
+            f"{name} has shape {actual.shape}, expected {expected.shape}: {reason}.{suffix}"
         )
     if actual.dtype != expected.dtype:
         raise AssertionError(
@@ -94,20 +95,21 @@ def assert_close(
         )
     if np.allclose(actual, expected, rtol=rtol, atol=atol):
         return
-    message = named_mistake()
+    message: str | None = named_mistake()
     if message is None and not np.all(np.isfinite(actual)):
         message = "it contains NaN or inf"
     if message is None:
         scale = np.maximum(np.abs(expected), np.abs(actual)).max()
-        error = np.abs(actual - expected).max() / max(float(scale), 1e-300)
-        message = f"largest error {error:.1e} relative to the largest value"
+        largest = np.abs(actual - expected).max() / max(float(scale), 1e-300)
+        message = f"largest error {largest:.1e} relative to the largest value"
     raise AssertionError(f"{name} is wrong: {message}.{suffix}")
 
 
 # --- chapter 3: common mistakes in batch norm's forward and backward passes --------------------
 
 
-def forward_mistakes(x, gamma, beta, eps):
+def forward_mistakes(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float
+                     ) -> list[tuple[str, np.ndarray]]:
     """(message, wrong output) for the usual mistakes in the forward pass of an (N, D) batch."""
     mu, var = x.mean(axis=0), x.var(axis=0)
     xc = x - mu
@@ -132,7 +134,8 @@ def forward_mistakes(x, gamma, beta, eps):
     ]
 
 
-def backward_mistakes(dout, x, gamma, eps):
+def backward_mistakes(dout: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float
+                      ) -> dict[str, list[tuple[str, np.ndarray]]]:
     """The usual mistakes in the backward pass, as ``{"dx": [...], "dgamma": [...],
     "dbeta": [...]}`` lists of (message, wrong gradient) for :func:`assert_close`."""
     n = x.shape[0]

@@ -73,8 +73,10 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 from bngrade.report import grading_problems, timed_out
 from bngrade.scan import scan_submission
@@ -115,7 +117,7 @@ class Result:
 # --- the course ---------------------------------------------------------------------------------
 
 
-def nbgrader_app(argv: list[str] | None = None):
+def nbgrader_app(argv: list[str] | None = None) -> Any:
     """nbgrader's AutogradeApp with the course configuration of the current folder loaded."""
     from nbgrader.apps import AutogradeApp
 
@@ -131,7 +133,8 @@ def with_busy_timeout(db_url: str, seconds: float = BUSY_TIMEOUT) -> str:
     return f"{db_url}{'&' if '?' in db_url else '?'}timeout={seconds:g}"
 
 
-def submissions(coursedir, assignments, students=None) -> dict[tuple[str, str], list[str]]:
+def submissions(coursedir: Any, assignments: Sequence[str], students: Sequence[str] | None = None
+                ) -> dict[tuple[str, str], list[str]]:
     """{(student, assignment): submitted notebooks} for the submissions on disk."""
     found = {}
     for assignment in assignments:
@@ -144,7 +147,7 @@ def submissions(coursedir, assignments, students=None) -> dict[tuple[str, str], 
     return found
 
 
-def submitted_assignments(coursedir) -> list[str]:
+def submitted_assignments(coursedir: Any) -> list[str]:
     pattern = coursedir.format_path(coursedir.submitted_directory, "*", "*")
     return sorted({Path(p).name for p in glob.glob(pattern) if glob.glob(f"{p}/*.ipynb")})
 
@@ -164,15 +167,15 @@ def digest(folder: str | Path) -> str:
 class _Records(logging.Handler):
     """Keeps the warnings and errors nbgrader logs while one submission is graded."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.records: list[logging.LogRecord] = []
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
 
-def _error_note(records) -> str:
+def _error_note(records: Sequence[logging.LogRecord]) -> str:
     """The most telling line of the errors nbgrader logged: an exception's last line."""
     errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
     for message in errors:
@@ -185,7 +188,7 @@ def _error_note(records) -> str:
     return errors[0].strip().splitlines()[0][:300] if errors else "nbgrader failed"
 
 
-def _problems(paths) -> list[str]:
+def _problems(paths: Sequence[str]) -> list[str]:
     """What went wrong while the autograded notebooks ran (a kernel that died, output cut
     off...), as ``bngrade.report.grading_problems`` reads it from the grader's record."""
     found = []
@@ -197,7 +200,7 @@ def _problems(paths) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _scan(paths) -> list[str]:
+def _scan(paths: Sequence[str]) -> list[str]:
     reasons = []
     for path in paths:
         try:
@@ -210,7 +213,7 @@ def _scan(paths) -> list[str]:
 _grading = ""  # the student whose submission this worker is grading
 
 
-def _kill_hook(cell_index=0, **_):
+def _kill_hook(cell_index: int = 0, **_: Any) -> None:
     """Testing hook (KILL_ENV): the worker dies in the middle of grading that student's
     submission, after a few cells, as if killed from outside."""
     if _grading == os.environ.get(KILL_ENV) and cell_index >= 3:
@@ -291,7 +294,7 @@ class Grader:
         return result
 
 
-def _worker(conn, log_path: str) -> None:
+def _worker(conn: Any, log_path: str) -> None:
     """A worker process: grade the submissions the parent sends, one student at a time."""
     os.setpgrp()  # its own process group: Ctrl-C in the terminal is the parent's to handle
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -344,13 +347,14 @@ class Ledger:
         self.file.flush()
         os.fsync(self.file.fileno())
 
-    def done(self, key, current_digest: str) -> bool:
+    def done(self, key: tuple[str, str], current_digest: str) -> bool:
         entry = self.last.get(key)
         return bool(entry and entry.get("status") in (GRADED, SUSPICIOUS, TIMED_OUT)
                     and entry.get("digest") == current_digest)
 
 
-def _prepare_gradebook(coursedir, assignments, students) -> None:
+def _prepare_gradebook(coursedir: Any, assignments: Sequence[str], students: Iterable[str]
+                       ) -> None:
     """Fail early on an unknown assignment; create the rows that workers would race on."""
     from nbgrader.api import Gradebook, MissingEntry
 
@@ -368,7 +372,7 @@ def _prepare_gradebook(coursedir, assignments, students) -> None:
             gb.update_or_create_student(student)
 
 
-def _graded_in_gradebook(coursedir, assignments) -> set[tuple[str, str]]:
+def _graded_in_gradebook(coursedir: Any, assignments: Sequence[str]) -> set[tuple[str, str]]:
     from nbgrader.api import Gradebook
 
     with Gradebook(with_busy_timeout(coursedir.db_url), coursedir.course_id) as gb:
@@ -429,7 +433,7 @@ class Pool:
             self.stop(wid)
 
 
-def _describe_death(process) -> str:
+def _describe_death(process: Any) -> str:
     code = process.exitcode
     if code is not None and code < 0:
         try:
@@ -439,14 +443,15 @@ def _describe_death(process) -> str:
     return f"exited with status {code}"
 
 
-def run(assignments, students=None, jobs=None, force=False, timeout=1800.0, canary=True,
-        out=sys.stdout) -> list[Result]:
+def run(assignments: Sequence[str], students: Sequence[str] | None = None,
+        jobs: int | None = None, force: bool = False, timeout: float = 1800.0,
+        canary: bool = True, out: TextIO = sys.stdout) -> list[Result]:
     """Grade the submissions of ``assignments`` (of ``students``, or of everyone) on ``jobs``
     workers; print progress and a summary to ``out``; return the results of this run. With
     ``canary``, the model solution of each assignment is graded first, and nothing is graded
     when it loses points (SystemExit with the reason)."""
 
-    def say(text=""):
+    def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
     if not Path("nbgrader_config.py").is_file():
@@ -518,7 +523,8 @@ class _Plan:
         return [(s, a) for s, units in self.todo.items() for a, _ in units] + self.empty
 
 
-def _plan(coursedir, found, ledger, force) -> _Plan:
+def _plan(coursedir: Any, found: dict[tuple[str, str], list[str]], ledger: Ledger,
+          force: bool) -> _Plan:
     in_gradebook = _graded_in_gradebook(coursedir, sorted({a for _, a in found}))
     plan = _Plan()
     for (student, assignment), notebooks in found.items():
@@ -537,7 +543,8 @@ def _plan(coursedir, found, ledger, force) -> _Plan:
     return plan
 
 
-def _grade(plan: _Plan, coursedir, jobs, timeout, state, ledger, say) -> list[Result]:
+def _grade(plan: _Plan, coursedir: Any, jobs: int, timeout: float, state: Path,
+           ledger: Ledger, say: Callable[[str], None]) -> list[Result]:
     """Deal the plan's students out to ``jobs`` workers and collect their results."""
     results: list[Result] = []
     pool = Pool(jobs, state / "logs")
@@ -662,7 +669,8 @@ def _grade(plan: _Plan, coursedir, jobs, timeout, state, ledger, say) -> list[Re
     return results
 
 
-def _similarity(assignments, root: Path, results: list[Result], out) -> None:
+def _similarity(assignments: Sequence[str], root: Path, results: list[Result], out: TextIO
+                ) -> None:
     """The similarity report of every assignment graded in this run (bngrade.similarity)."""
     from bngrade.similarity import report
 
@@ -675,7 +683,7 @@ def _similarity(assignments, root: Path, results: list[Result], out) -> None:
             print(f"  the similarity report failed: {type(error).__name__}: {error}", file=out)
 
 
-def summary(results: list[Result], elapsed: float, out=sys.stdout) -> None:
+def summary(results: list[Result], elapsed: float, out: TextIO = sys.stdout) -> None:
     """The table of this run's submissions, then the totals."""
     rows = [("student", "assignment", "score", "max", "status", "notes")]
     for r in sorted(results, key=lambda r: (r.student, r.assignment)):
@@ -704,7 +712,7 @@ def summary(results: list[Result], elapsed: float, out=sys.stdout) -> None:
     out.flush()
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bngrade.autograde",
         description="Autograde a class with nbgrader, in parallel (one worker per core).",

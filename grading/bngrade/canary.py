@@ -17,8 +17,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import nbformat
 
@@ -52,7 +54,8 @@ class CanaryResult:
         return "\n".join(lines)
 
 
-def grade_solutions(assignments, root: Path | str = ".", extra_config: str = "",
+def grade_solutions(assignments: Sequence[str], root: Path | str = ".",
+                    extra_config: str = "",
                     timeout: float = 900) -> list[CanaryResult]:
     """Grade the model submissions of ``assignments`` in one scratch copy of the course at
     ``root`` (one nbgrader run to release them, one to grade them). ``extra_config`` is
@@ -96,7 +99,8 @@ def _submit(course: Path, result: CanaryResult) -> None:
     nbformat.write(model_submission(release, solution), folder / name)
 
 
-def _read_grade(course: Path, result: CanaryResult, done) -> None:
+def _read_grade(course: Path, result: CanaryResult, done: subprocess.CompletedProcess
+                ) -> None:
     name = f"{result.assignment}.ipynb"
     graded = course / "autograded" / STUDENT / result.assignment / name
     if not graded.is_file():
@@ -129,7 +133,8 @@ def _last_error(done: subprocess.CompletedProcess) -> str:
     return (errors or lines or [f"exit status {done.returncode}"])[-1][:300]
 
 
-def check(assignments, root: Path | str = ".", out=sys.stdout) -> bool:
+def check(assignments: Sequence[str], root: Path | str = ".", out: TextIO = sys.stdout
+          ) -> bool:
     """Run the canary for every assignment; print what it found; True when all pass."""
     ok = True
     print(f"canary: grading the model solution of {len(assignments)} assignment(s) first ...",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def assignments(root: Path | str = ".") -> list[str]:
@@ -27,7 +28,7 @@ def nbgrader_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "nbgrader"]
 
 
-def course_directory(root: Path | str = "."):
+def course_directory(root: Path | str = ".") -> Any:
     """nbgrader's CourseDirectory, configured by ``root``/nbgrader_config.py."""
     from nbgrader.coursedir import CourseDirectory
     from traitlets.config.loader import PyFileConfigLoader

@@ -15,6 +15,7 @@ failing the whole submission, and records what happened (``metadata.bncore.gradi
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import nbformat
 from nbgrader.preprocessors import Execute
@@ -32,11 +33,11 @@ class GradingExecute(RunsTestsOutsideKernel, Execute):
         1 * MiB, help="text and data a cell may output before the rest is dropped; the "
                       "gradebook and the feedback stay small").tag(config=True)
 
-    def __init__(self, **kw):
+    def __init__(self, **kw: Any) -> None:
         kw.setdefault("kernel_manager_class", SandboxedKernelManager)
         super().__init__(**kw)
 
-    def create_kernel_manager(self):
+    def create_kernel_manager(self) -> Any:
         km = super().create_kernel_manager()
         if isinstance(km, SandboxedKernelManager):
             from nbgrader.coursedir import CourseDirectory
@@ -52,7 +53,8 @@ class GradingExecute(RunsTestsOutsideKernel, Execute):
             km.refused_modules = blocked_modules(self.nb)
         return km
 
-    def output(self, outs, msg, display_id, cell_index):
+    def output(self, outs: list, msg: dict, display_id: str | None, cell_index: int
+               ) -> Any:
         """Keep at most ``max_output_bytes`` of what a kernel cell prints."""
         content = msg.get("content", {})
         text = content.get("text")
@@ -70,7 +72,7 @@ class GradingExecute(RunsTestsOutsideKernel, Execute):
             self._truncated.append(cell_index)
         return None
 
-    def preprocess(self, nb, resources=None, km=None):
+    def preprocess(self, nb: Any, resources: Any = None, km: Any = None) -> tuple[Any, Any]:
         from nbclient.client import NotebookClient
 
         NotebookClient.__init__(self, nb, km)

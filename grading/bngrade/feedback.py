@@ -10,6 +10,7 @@ code never sees them; the last two steps are a second line of defence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades
 from traitlets import Bool, List
@@ -36,7 +37,8 @@ def hidden_code(source: str, begin: str = BEGIN_HIDDEN, end: str = END_HIDDEN) -
 _MAX_MESSAGE = 2000  # characters of an error message shown in feedback
 
 
-def hide_hidden_outputs(cell, hidden: Sequence[str] = (), *, cut_tracebacks: bool = True) -> None:
+def hide_hidden_outputs(cell: Any, hidden: Sequence[str] = (), *,
+                        cut_tracebacks: bool = True) -> None:
     """Make a cell's outputs safe to show a student.
 
     With ``cut_tracebacks`` (cells that hold hidden tests), error outputs are cut down to the
@@ -82,7 +84,7 @@ class HideHiddenTests(ClearHiddenTests):
     # rather than fail the student's feedback.
     enforce_metadata = Bool(False).tag(config=True)
 
-    def preprocess(self, nb, resources):
+    def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
         begin, end = self.begin_test_delimeter, self.end_test_delimeter
         self._hidden = [begin, end]
         for cell in nb.cells:
@@ -90,7 +92,8 @@ class HideHiddenTests(ClearHiddenTests):
                 self._hidden += hidden_code(cell.source, begin, end)
         return super().preprocess(nb, resources)
 
-    def preprocess_cell(self, cell, resources, cell_index):
+    def preprocess_cell(self, cell: Any, resources: Any, cell_index: int
+                        ) -> tuple[Any, Any]:
         test = is_test_cell(cell)
         had_hidden = test and self.begin_test_delimeter in cell.source
         if test:  # a student's own cells may say "BEGIN HIDDEN TESTS" without an end

@@ -17,6 +17,7 @@ import json
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -43,7 +44,7 @@ def prepare_source(path: Path, assignment: str) -> bool:
     return after != before
 
 
-def released_tests(notebook) -> dict:
+def released_tests(notebook: Any) -> dict[str, Any]:
     """What bncore's self-check needs of a released notebook: its set-up cell, its test cells
     (with their numbers among the code cells) and every locked cell in order (to put edited or
     deleted ones back, as grading does)."""

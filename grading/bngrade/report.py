@@ -9,6 +9,7 @@ checked``), and the test cells whose visible checks failed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from nbgrader.preprocessors import NbGraderPreprocessor
 
@@ -17,25 +18,25 @@ class StoreGradingReport(NbGraderPreprocessor):
     """Writes what GradingExecute recorded into the autograded notebook's metadata; runs after
     nbconvert's ClearMetadataPreprocessor."""
 
-    def preprocess(self, nb, resources):
+    def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
         report = resources.get("bncore", {}).get("grading")
         if report is not None:
             nb.metadata.setdefault("bncore", {})["grading"] = report
         return nb, resources
 
 
-def _record(path) -> dict:
+def _record(path: str | Path) -> dict[str, Any]:
     import nbformat
 
     return nbformat.read(Path(path), as_version=4).metadata.get("bncore", {}).get("grading", {})
 
 
-def timed_out(autograded_notebook_path) -> bool:
+def timed_out(autograded_notebook_path: str | Path) -> bool:
     """Whether a cell of an autograded notebook ran past the per-cell time limit."""
     return bool(_record(autograded_notebook_path).get("timed_out"))
 
 
-def grading_problems(autograded_notebook_path) -> list[str]:
+def grading_problems(autograded_notebook_path: str | Path) -> list[str]:
     """What went wrong while an autograded notebook ran (empty when nothing did): cells that
     timed out, a kernel that died and the cells it left unrun, output cut off."""
     report = _record(autograded_notebook_path)

@@ -33,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum, Integer, List, Unicode
@@ -136,7 +138,7 @@ REFUSED_MODULE = (
     " 'the answers must be your own code', name=__name__)\n")
 
 
-def module_paths(names) -> list[Path]:
+def module_paths(names: Iterable[str]) -> list[Path]:
     """Where the modules ``names`` live in this Python: a module's file, a package's folder.
     Modules that are not installed are left out."""
     import importlib.util
@@ -156,7 +158,7 @@ def module_paths(names) -> list[Path]:
 
 def bwrap_arguments(*, cwd: Path, rundir: Path, hidden: list[Path], scratch_size: int,
                     uid: int, env: dict[str, str], hide_files: tuple[str, ...] = (),
-                    refused: list[Path] = (), stub: Path | None = None) -> list[str]:
+                    refused: Sequence[Path] = (), stub: Path | None = None) -> list[str]:
     """The bubblewrap command line (without the command it runs) for a kernel working in
     ``cwd``: see the module's docstring. ``hide_files``: names in ``cwd`` the kernel must not
     see (the notebook being graded). ``refused``: module files and package folders replaced
@@ -239,7 +241,7 @@ class SandboxedKernelManager(AsyncKernelManager):
     _rundir: Path | None = None
     mode: str = "off"
 
-    async def _async_pre_start_kernel(self, **kw):
+    async def _async_pre_start_kernel(self, **kw: Any) -> tuple[list[str], dict[str, Any]]:
         mode, why = sandbox_mode(self.sandbox)
         self.mode = mode
         if why and why not in _warned:
@@ -301,14 +303,14 @@ class SandboxedKernelManager(AsyncKernelManager):
                          if k not in ENV_WITHHELD}
         return cmd, kw
 
-    async def _async_launch_kernel(self, kernel_cmd, **kw):
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
         try:
             await super()._async_launch_kernel(kernel_cmd, **kw)
         finally:
             if hasattr(kw.get("stderr"), "close"):
                 kw["stderr"].close()  # the kernel has its own copy
 
-    async def interrupt_kernel(self):
+    async def interrupt_kernel(self) -> None:  # type: ignore[override]
         # A signal to the process group would stop bwrap itself: ask the kernel instead.
         if self.mode == "bwrap" and self.has_kernel:
             msg = self.session.msg("interrupt_request", content={})
@@ -329,17 +331,19 @@ class SandboxedKernelManager(AsyncKernelManager):
     def kernel_log(self, limit: int = 2000) -> str:
         """The end of what the kernel process itself wrote to stderr (startup errors)."""
         try:
-            return (self._rundir / "kernel.log").read_bytes()[-limit:].decode(errors="replace")
+            log = Path(self._rundir or "/nonexistent") / "kernel.log"
+            return log.read_bytes()[-limit:].decode(errors="replace")
         except (OSError, TypeError):
             return ""
 
-    async def _async_cleanup_resources(self, restart: bool = False):
+    async def _async_cleanup_resources(self, restart: bool = False) -> None:
         await super()._async_cleanup_resources(restart=restart)
         if self._rundir is not None and not restart:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
-    async def cleanup_resources(self, restart: bool = False):
+    async def cleanup_resources(  # type: ignore[override]
+            self, restart: bool = False) -> None:
         await self._async_cleanup_resources(restart=restart)
 
 
@@ -403,14 +407,14 @@ except OSError as error:
 """
 
 
-def _print_stream(msg):
+def _print_stream(msg: dict[str, Any]) -> None:
     if msg["msg_type"] == "stream":
         print("  " + msg["content"]["text"].rstrip().replace("\n", "\n  "))
     elif msg["msg_type"] == "error":
         print(f"  {msg['content']['ename']}: {msg['content']['evalue']}")
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bngrade.sandbox", description=__doc__,

@@ -4,6 +4,7 @@ in ``nbgrader_config.py`` (see :class:`SanitizeSubmission`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbgrader.preprocessors import NbGraderPreprocessor
@@ -27,7 +28,7 @@ class SanitizeSubmission(NbGraderPreprocessor):
     source of locked cells, DeduplicateIds keeps the last copy of a cell).
     """
 
-    def preprocess(self, nb, resources):
+    def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
         from nbgrader.api import Gradebook, MissingEntry
 
         info = resources["nbgrader"]
@@ -101,7 +102,7 @@ class SanitizeSubmission(NbGraderPreprocessor):
             self.log.warning("putting back the deleted cell %s", name)
         return nb, resources
 
-    def _source_order(self, info) -> list[str]:
+    def _source_order(self, info: dict[str, Any]) -> list[str]:
         """The grade_ids of the source notebook, in order (the gradebook keeps no order)."""
         from nbgrader.coursedir import CourseDirectory
 

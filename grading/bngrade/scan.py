@@ -14,7 +14,9 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bncore.runner import is_test_cell, nbgrader_meta
 
@@ -168,7 +170,8 @@ def _course_root_of(notebook: Path) -> Path:
     return Path.cwd()
 
 
-def scan_submission(notebook_path, *, release=None) -> list[str]:
+def scan_submission(notebook_path: str | Path, *, release: str | Path | None = None
+                    ) -> list[str]:
     """Static reasons why a submitted notebook is suspicious; an empty list when it is clean.
 
     ``notebook_path`` is where the notebook should be, normally
@@ -232,7 +235,7 @@ def scan_submission(notebook_path, *, release=None) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _compare_structure(nb, release) -> list[str]:
+def _compare_structure(nb: Any, release: Any) -> list[str]:
     found = []
     wanted = [(nbgrader_meta(c)["grade_id"], c) for c in release.cells
               if nbgrader_meta(c).get("grade_id")]
@@ -272,7 +275,8 @@ def _compare_structure(nb, release) -> list[str]:
     return found
 
 
-def report_submission_problems(assignment=None, student=None, notebooks=()):
+def report_submission_problems(assignment: str | None = None, student: str | None = None,
+                               notebooks: Sequence[str] = ()) -> None:
     """nbgrader's ``Autograde.pre_convert_hook``: before a submission is graded, log what
     :func:`scan_submission` finds in it (a wrong file name, suspicious code...), so that a
     plain ``nbgrader autograde`` names it. It never stops grading."""

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Any, TextIO
 
 import nbformat
 
@@ -58,9 +59,9 @@ def normalized_tokens(source: str) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(
-                    getattr(body[0], "value", None), ast.Constant) and isinstance(
-                    body[0].value.value, str):
+            first = body[0] if body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
                 node.body = body[1:] or [ast.Pass()]  # drop the docstring
     for node in ast.walk(tree):
         kind = type(node).__name__
@@ -129,10 +130,10 @@ def compare(assignment: str, submissions: dict[str, Path], *, release: Path | No
     by_cell: dict[str, dict[str, frozenset]] = {}
     for student, path in sorted(submissions.items()):
         try:
-            answers = answers_of(path)
+            sources = answers_of(path)
         except Exception:  # an unreadable notebook has no answers to compare
             continue
-        for cell, source in answers.items():
+        for cell, source in sources.items():
             tokens = normalized_tokens(source)
             if len(tokens) < min_tokens or source.strip() == stubs.get(cell, "").strip():
                 continue
@@ -151,7 +152,7 @@ def compare(assignment: str, submissions: dict[str, Path], *, release: Path | No
     return sorted(found, key=lambda m: (-m.similarity, m.cell, m.student, m.other))
 
 
-def course_submissions(coursedir, assignment: str) -> dict[str, Path]:
+def course_submissions(coursedir: Any, assignment: str) -> dict[str, Path]:
     """{student: notebook} for an assignment's submissions in the course directory."""
     found = {}
     pattern = Path(coursedir.format_path(coursedir.submitted_directory, "*", assignment))
@@ -172,7 +173,7 @@ def write_csv(matches: list[Match], path: Path) -> None:
 
 
 def report(assignment: str, root: Path | str = ".", *, csv_path: Path | None = None,
-           threshold: float = 0.8, out=sys.stdout) -> list[Match]:
+           threshold: float = 0.8, out: TextIO = sys.stdout) -> list[Match]:
     """Compare the course's submissions of ``assignment``; print the pairs, write the CSV."""
     from bngrade.course import course_directory
 

@@ -7,12 +7,14 @@ for the feedback, as nbgrader's formgrader does, from a terminal.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bncore.runner import nbgrader_meta
 from bngrade.course import course_directory
 
 
-def written_answers(assignment: str, *, root: Path | str = ".", pending_only: bool = False):
+def written_answers(assignment: str, *, root: Path | str = ".", pending_only: bool = False
+                    ) -> list[dict[str, Any]]:
     """The answers of ``assignment`` graded by hand, one dict per student and cell: student,
     notebook, cell (grade_id), points, score (None until graded), answer (the student's text,
     from the autograded notebook)."""
