@@ -265,8 +265,9 @@ class NotebookServer:
         result), answering the requests that come first."""
         while True:
             message["sync"] = self.sync_out()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):  # what was printed goes out first
+                if getattr(stream, "_flush_pending", True):  # (ipykernel: only when written)
+                    stream.flush()
             reply = json.loads(self.input(json.dumps(message)))
             if reply["kind"] == "request":
                 message = self.answer(reply)

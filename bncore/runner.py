@@ -328,7 +328,8 @@ class RunsTestsOutsideKernel:
 
     def run_cells(self) -> dict[str, Any]:
         report: dict[str, Any] = {"timed_out": [], "kernel_died": None, "not_run": [],
-                                  "skipped": [], "visible_failed": [], "errors": []}
+                                  "skipped": [], "visible_failed": [], "errors": [],
+                                  "unreachable": []}
         channel = NotebookChannel(self.km)
         try:
             channel.install()
@@ -379,6 +380,13 @@ class RunsTestsOutsideKernel:
             self._stop_kernel()
             return f"not run: {name} could not be interrupted"
         except ChannelError as error:
+            if self._kernel_alive():  # the notebook broke its own end: this test fails
+                cell.outputs = [_error_output(
+                    "NotebookUnreachable", f"the test could not reach the notebook's code: "
+                    f"{error}", [])]
+                report["unreachable"].append(name)
+                tests.report["visible_failed"].append(nbgrader_meta(cell).get("grade_id", name))
+                return None
             cell.outputs = [_error_output("KernelDied", f"{error}; the cells after it were "
                                           "not run", [])]
             report["kernel_died"] = name
@@ -414,6 +422,14 @@ class RunsTestsOutsideKernel:
         if not passed:
             report["errors"].append([name, message])
         return None
+
+    def _kernel_alive(self) -> bool:
+        from jupyter_core.utils import run_sync
+
+        try:
+            return bool(run_sync(self.km.is_alive)())
+        except Exception:  # a manager that cannot tell: treat the kernel as gone
+            return False
 
     def _stop_kernel(self) -> None:
         from jupyter_core.utils import run_sync

@@ -38,11 +38,14 @@ def timed_out(autograded_notebook_path: str | Path) -> bool:
 
 def grading_problems(autograded_notebook_path: str | Path) -> list[str]:
     """What went wrong while an autograded notebook ran (empty when nothing did): cells that
-    timed out, a kernel that died and the cells it left unrun, output cut off."""
+    timed out, a kernel that died and the cells it left unrun, output cut off, test cells that
+    could not reach the notebook (its code broke its end of the channel)."""
     report = _record(autograded_notebook_path)
     problems = [f"timed out: {cell}" for cell in report.get("timed_out", [])]
     if report.get("kernel_died"):
         problems.append(f"the kernel died in {report['kernel_died']}")
     problems += [f"not run: {cell}" for cell in report.get("not_run", [])]
     problems += [f"output truncated: {cell}" for cell in report.get("output_truncated", [])]
+    problems += [f"the tests could not reach the notebook in {cell}"
+                 for cell in report.get("unreachable", [])]
     return list(dict.fromkeys(problems))

@@ -732,7 +732,8 @@ def cases(marker: str) -> list[Case]:
                       lose=ALL, needs_sandbox=True),
         notebook_case("patch_ipython", "IPython's compiler and input transformers wrap every "
                       "cell in try/except, an exception handler swallows the rest; no answers",
-                      lambda k: add_cell(k.untouched(), "setup", PATCH_IPYTHON), lose=ALL),
+                      lambda k: add_cell(k.untouched(), "setup", PATCH_IPYTHON), lose=ALL,
+                      problems=("could not reach the notebook",)),
         notebook_case("patch_builtins", "fake bngrade modules in sys.modules and a "
                       "builtins.__import__ that hands them out; answers call bncore",
                       lambda k: k.full(
