@@ -71,10 +71,13 @@ Two paths compute the same thing:
 from __future__ import annotations
 
 import math
+from types import ModuleType
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.types import Device
 
 __all__ = ["BatchNormFunction", "batch_norm", "BatchNorm1d", "BatchNorm2d"]
 
@@ -88,6 +91,8 @@ use_fused = True
 _BLOCK_ELEMENTS = 32767
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INF = torch.tensor(math.inf)  # compared with as a tensor: cheaper than a Python float
+# What the plain forward saves for its backward: (x seen channels last, mean, invstd, scale).
+_Saved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,7 +104,17 @@ def _shape(t: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if t is None else tuple(t.shape)
 
 
-def _check_args(input, weight, bias, running_mean, running_var, training, momentum, eps, nbt):
+def _check_args(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    nbt: torch.Tensor | None,
+) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm expects a torch.Tensor input, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -164,7 +179,9 @@ def _all_but_last(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(t.dim() - 1))
 
 
-def _batch_statistics(x: torch.Tensor, xt: torch.Tensor, cdtype: torch.dtype):
+def _batch_statistics(
+    x: torch.Tensor, xt: torch.Tensor, cdtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-channel mean and biased variance of ``x`` (N, C, *), both (C,) in ``cdtype``, and
     the deviations ``x - mean`` seen channels last, or None where they were not kept.
 
@@ -184,7 +201,17 @@ def _batch_statistics(x: torch.Tensor, xt: torch.Tensor, cdtype: torch.dtype):
     return mean, (xc * xc).mean(dims), xc
 
 
-def _plain_forward(x, weight, bias, running_mean, running_var, nbt, training, momentum, eps):
+def _plain_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    nbt: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+) -> tuple[torch.Tensor, _Saved]:
     """``y`` and what the backward needs: (x seen channels last, mean, invstd, scale)."""
     cdtype = _compute_dtype(x.dtype)
     xt = _channels_last(x)
@@ -193,6 +220,7 @@ def _plain_forward(x, weight, bias, running_mean, running_var, nbt, training, mo
         _update_running_stats(running_mean, running_var, nbt, mean, var,
                               x.numel() // max(x.shape[1], 1), momentum)
     else:  # a copy: the saved mean must not change if the buffer does before backward
+        assert running_mean is not None and running_var is not None  # by _check_args
         mean, var, xc = running_mean.to(cdtype, copy=True), running_var.to(cdtype), None
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else invstd * weight.to(cdtype)
@@ -210,7 +238,9 @@ def _plain_forward(x, weight, bias, running_mean, running_var, nbt, training, mo
     return _channels_first(y), (xt, mean, invstd, scale)
 
 
-def _plain_backward(dy, saved, training, need_input, need_sums):
+def _plain_backward(
+    dy: torch.Tensor, saved: _Saved, training: bool, need_input: bool, need_sums: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dx, sum(dy * x_hat), sum(dy))`` per channel; what is not needed is None.
 
     ``saved`` is what :func:`_plain_forward` returned beside ``y``.
@@ -218,7 +248,10 @@ def _plain_backward(dy, saved, training, need_input, need_sums):
     xt, mean, invstd, scale = saved
     count = xt.numel() // max(xt.shape[-1], 1)
     dyt = _channels_last(dy)
-    dx = sum_dy = sum_dy_xhat = x_hat = None
+    dx: torch.Tensor | None = None
+    sum_dy: torch.Tensor | None = None
+    sum_dy_xhat: torch.Tensor | None = None
+    x_hat: torch.Tensor | None = None
     if training or need_sums:
         if _in_blocks(xt):  # large CPU input: block by block, no full-size temporaries
             sum_dy, sum_dy_xc = _centered_sums(_channels_first(xt), mean, dy)
@@ -231,14 +264,16 @@ def _plain_backward(dy, saved, training, need_input, need_sums):
     if need_input:
         if not training:  # evaluation: the statistics are constants
             dx = _channels_first(dyt * scale)
-        elif x_hat is not None:
-            # dx = scale * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M)
-            u = torch.addcmul(sum_dy, x_hat, sum_dy_xhat)
-            dx = _channels_first(torch.sub(dyt, u, alpha=1 / count).mul_(scale))
-        else:  # the same, as (x - mean) * b + d + dy * scale in two passes over x and dy
-            b = scale * invstd * sum_dy_xhat / -count
-            d = scale * sum_dy / -count
-            dx = _affine_centered(_channels_first(xt), mean, b, d, dy, scale)
+        else:
+            assert sum_dy is not None and sum_dy_xhat is not None  # made above in training
+            if x_hat is not None:
+                # dx = scale * (dy - (sum(dy) + x_hat * sum(dy * x_hat)) / M)
+                u = torch.addcmul(sum_dy, x_hat, sum_dy_xhat)
+                dx = _channels_first(torch.sub(dyt, u, alpha=1 / count).mul_(scale))
+            else:  # the same, as (x - mean) * b + d + dy * scale in two passes over x and dy
+                b = scale * invstd * sum_dy_xhat / -count
+                d = scale * sum_dy / -count
+                dx = _affine_centered(_channels_first(xt), mean, b, d, dy, scale)
         dx = dx.to(xt.dtype)
     return dx, sum_dy_xhat, sum_dy
 
@@ -277,7 +312,7 @@ def _blocks(x: torch.Tensor) -> list[tuple[tuple[slice, ...], slice]]:
     axis = 2 if x.dim() > 2 and x.stride(1) == 1 else 1
     size = x.shape[axis]
     step = max(1, _BLOCK_ELEMENTS // (sample // size))
-    blocks = []
+    blocks: list[tuple[tuple[slice, ...], slice]] = []
     for i in range(n):
         for j in range(0, size, step):
             cut = slice(j, j + step)
@@ -293,7 +328,9 @@ def _channel_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(_reduce_dims(x), dtype=_compute_dtype(x.dtype))
 
 
-def _centered_sums(x, mean, dy=None):
+def _centered_sums(
+    x: torch.Tensor, mean: torch.Tensor, dy: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel sums over every axis but 1, with ``xc = x - mean``.
 
     Without ``dy``: ``(sum(xc), sum(xc * xc))``. With ``dy``: ``(sum(dy), sum(dy * xc))``.
@@ -309,7 +346,7 @@ def _centered_sums(x, mean, dy=None):
     return first, second
 
 
-def _blocked_statistics(x: torch.Tensor):
+def _blocked_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_batch_statistics` block by block: a first mean, then the centred sums."""
     count = x.numel() // x.shape[1]
     mean = _channel_mean(x)
@@ -318,7 +355,14 @@ def _blocked_statistics(x: torch.Tensor):
     return mean + mean_deviation, sum_xc2 / count - mean_deviation * mean_deviation
 
 
-def _affine_centered(x, mean, scale, shift, dy=None, dy_scale=None):
+def _affine_centered(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    dy: torch.Tensor | None = None,
+    dy_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``(x - mean) * scale + shift`` (``+ dy * dy_scale``), per channel, in the compute dtype.
 
     Computed as ``x * scale + (shift - mean * scale)`` in one pass over x, as PyTorch's kernel
@@ -327,7 +371,10 @@ def _affine_centered(x, mean, scale, shift, dy=None, dy_scale=None):
     """
     s, b = _channel_view(scale, x), _channel_view(shift - mean * scale, x)
     out = torch.addcmul(b, x, s)
-    return out if dy is None else out.addcmul_(dy, _channel_view(dy_scale, x))
+    if dy is None:
+        return out
+    assert dy_scale is not None  # given with dy
+    return out.addcmul_(dy, _channel_view(dy_scale, x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -335,7 +382,15 @@ def _affine_centered(x, mean, scale, shift, dy=None, dy_scale=None):
 # ----------------------------------------------------------------------------------------
 
 
-def _update_running_stats(running_mean, running_var, nbt, mean, var, count, momentum):
+def _update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    nbt: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
     """Move the running statistics towards the batch's, on the device, with no host sync.
 
     ``running += momentum * (batch_stat - running)`` with the unbiased batch variance, and
@@ -355,26 +410,39 @@ def _update_running_stats(running_mean, running_var, nbt, mean, var, count, mome
         nbt.add_(finite)
     if running_mean is None:
         return
+    assert running_var is not None  # both or neither, by _check_args
+    factor: float | torch.Tensor  # the weight of the batch's value
     if momentum is None:  # cumulative average: 1 / (number of finite batches so far)
-        momentum = nbt.to(mean.dtype).clamp_(min=1).reciprocal_()
+        assert nbt is not None  # by _check_args
+        factor = nbt.to(mean.dtype).clamp_(min=1).reciprocal_()
+    else:
+        factor = momentum
     for running, stat in ((running_mean, mean), (running_var, unbiased_var)):
         # Towards the batch's value when finite, else towards itself: no change, exactly.
         if running.dtype == stat.dtype:
-            running.lerp_(torch.where(finite, stat, running), momentum)
+            running.lerp_(torch.where(finite, stat, running), factor)
         else:
             wide = running.to(stat.dtype)
-            running.copy_(wide.lerp_(torch.where(finite, stat, wide), momentum))
+            running.copy_(wide.lerp_(torch.where(finite, stat, wide), factor))
 
 
 # ----------------------------------------------------------------------------------------
 # The fused Triton kernels, for CUDA input when Triton is installed.
 # ----------------------------------------------------------------------------------------
 
-_triton_module = None  # bncore._triton once imported; False where Triton is not installed
+# bncore._triton once imported; False where Triton is not installed.
+_triton_module: ModuleType | Literal[False] | None = None
 _FUSED_DEVICE = "cuda"  # the tests set "cpu" to run the kernels in Triton's interpreter
 
 
-def _fused_kernels(x, weight, bias, running_mean, running_var, nbt):
+def _fused_kernels(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    nbt: torch.Tensor | None,
+) -> ModuleType | None:
     """:mod:`bncore._triton` when this call can use it, else None (the plain path).
 
     It can for CUDA input in float32, float16 or bfloat16, with parameters and running
@@ -394,8 +462,9 @@ def _fused_kernels(x, weight, bias, running_mean, running_var, nbt):
         try:
             from bncore import _triton
         except ImportError:  # Triton is not installed: the plain path does the work
-            _triton = False
-        _triton_module = _triton
+            _triton_module = False
+        else:
+            _triton_module = _triton
     return _triton_module or None
 
 
@@ -420,8 +489,18 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                num_batches_tracked=None):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        training: bool,
+        momentum: float | None,
+        eps: float,
+        num_batches_tracked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         _check_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
                     num_batches_tracked)
         fused = _fused_kernels(input, weight, bias, running_mean, running_var,
@@ -441,7 +520,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.fused is not None:
             x, weight, stats = ctx.saved_tensors
@@ -452,13 +531,24 @@ class BatchNormFunction(torch.autograd.Function):
             grad_input, sum_dy_xhat, sum_dy = _plain_backward(
                 grad_output, ctx.saved_tensors, ctx.training, need_input,
                 need_weight or need_bias)
-            grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
-            grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+            grad_weight = grad_bias = None
+            if need_weight or need_bias:  # then _plain_backward made both sums
+                assert sum_dy_xhat is not None and sum_dy is not None
+                grad_weight = sum_dy_xhat.to(ctx.weight_dtype) if need_weight else None
+                grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     r"""Batch normalization, with the signature and semantics of
     :func:`torch.nn.functional.batch_norm`.
 
@@ -496,30 +586,55 @@ class _BatchNorm(nn.Module):
     _version = 2  # the state-dict version of PyTorch's modules (num_batches_tracked exists)
     _input_dims: tuple[int, ...] = ()
     _input_shapes = ""
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    # Registered in __init__; None without affine (weight and bias) or without
+    # track_running_stats (the buffers).
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
             if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+                self.bias = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
             else:
                 self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "running_mean", torch.zeros(num_features, device=device, dtype=dtype)
+            )
+            self.register_buffer(
+                "running_var", torch.ones(num_features, device=device, dtype=dtype)
+            )
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
@@ -531,6 +646,9 @@ class _BatchNorm(nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            # Tensors: __init__ registered them so with track_running_stats=True.
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
@@ -538,6 +656,7 @@ class _BatchNorm(nn.Module):
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         if self.affine:
+            assert self.weight is not None  # registered as a Parameter with affine=True
             nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
@@ -594,8 +713,16 @@ class _BatchNorm(nn.Module):
             nbt,
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # State dicts saved before num_batches_tracked existed (version < 2) load with 0.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
