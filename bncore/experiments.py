@@ -747,7 +747,7 @@ class Table:
         body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
                        for row in self.rows)
         caption = f"<caption>{escape(self.caption)}</caption>" if self.caption else ""
-        return (f'<table class="bn-results">{caption}<thead><tr>{head}</tr></thead>'
+        return (f'<table class="table bn-results">{caption}<thead><tr>{head}</tr></thead>'
                 f"<tbody>{body}</tbody></table>")
 
     def __repr__(self) -> str:
@@ -818,19 +818,19 @@ def data_parallel_training(rank: int, world_size: int, sizes, members, steps: in
 
 
 def sync_batchnorm_check(rank: int, world_size: int, sizes, seed: int = 0) -> dict:
-    """Run in each of world_size processes: one training step of a small float64 net whose
-    BatchNorm1d was converted to bncore.torch.SyncBatchNorm, process r taking sizes[r] rows of
-    the first sum(sizes) digits (the loss: the summed cross-entropy of its rows). Returns its
-    outputs, the gradient of its input rows, its parameters' gradients and the running
-    statistics, as NumPy arrays; :func:`small_bn_net` builds the same net in one process."""
+    """Run in each of world_size processes: one training step of a small float64
+    net whose BatchNorm1d is converted to SyncBatchNorm. Process `rank` takes
+    sizes[rank] of the first sum(sizes) digits; its loss is the summed
+    cross-entropy of its rows. Returns its outputs, input gradients, parameter
+    gradients and running statistics as NumPy arrays."""
     from bncore.torch import SyncBatchNorm
 
     net = SyncBatchNorm.convert_sync_batchnorm(small_bn_net(seed))
     X, y = first_digits(sum(sizes))
-    start = sum(sizes[:rank])
-    x = X[start:start + sizes[rank]].clone().requires_grad_()
+    mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    x = X[mine].clone().requires_grad_()
     out = net(x)
-    nn.functional.cross_entropy(out, y[start:start + sizes[rank]], reduction="sum").backward()
+    nn.functional.cross_entropy(out, y[mine], reduction="sum").backward()
     return {"out": out.detach().numpy(), "dx": x.grad.numpy(),
             "grad": {name: p.grad.numpy() for name, p in net.named_parameters()},
             "running_mean": net[1].running_mean.numpy(),
