@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime
 import operator
 import os
+import pickle
 import queue as queue_module
 import socket
 import sys
@@ -393,7 +394,9 @@ def _process_main(fn, rank, world_size, port, timeout, args, results):
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=limit)
         try:
-            results.put((rank, True, fn(rank, world_size, *args)))
+            # pickled here, not in the queue's feeder thread, so that an unpicklable result
+            # is reported as this process's error instead of being lost
+            results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -467,7 +470,7 @@ def _collect(results, processes, deadline):
         if not ok:
             _stop(processes)
             raise RuntimeError(f"process {rank} of {len(processes)} failed:\n{value}")
-        out[rank] = value
+        out[rank] = pickle.loads(value)
     return [out[rank] for rank in range(len(processes))]
 
 

@@ -223,6 +223,16 @@ def pid_worker(rank, world_size):
     return os.getpid()
 
 
+def unpicklable_worker(rank, world_size):
+    return lambda: rank   # a lambda cannot be pickled
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_cannot_be_sent_back_is_reported_not_lost():
+    with pytest.raises(RuntimeError, match="(?s)failed.*pickle"):
+        run_on_local_processes(unpicklable_worker, 2, timeout=50)
+
+
 # ------------------------------------------------------------------ multi-process tests
 
 CASES_2 = [
