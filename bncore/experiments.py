@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -404,3 +405,468 @@ def steps_to(history: dict, level: float) -> int | None:
     reaches ``level`` (None if it never does)."""
     hit = np.flatnonzero(np.array(history["test_acc"]) >= level)
     return int(history["step"][hit[0]]) if len(hit) else None
+
+
+# --- Many small nets trained as one: a stack (chapters 2, 5 and 6) ---------------------------
+#
+# Training one of these tiny nets is mostly Python and dispatch overhead, so seeds and variants
+# are trained together: a stack of S nets is one module in which member s owns its own block
+# of every layer (batched matrix products, grouped convolutions, its own normalization) and
+# sees its own mini-batches. Nothing is shared between members: each one follows exactly the
+# updates it would follow alone (tests/test_stack.py checks this against train_classifier).
+
+NORMS = (None, "bn", "ln", "gn", "syncbn")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One net of a stack.
+
+    norm: None (none), "bn" (batch norm), "ln" (layer norm), "gn" (group norm) or "syncbn"
+        (bncore.torch.SyncBatchNorm), after every hidden Linear or convolution, before the
+        activation.
+    seed: the initial weights are those of the single net built after torch.manual_seed(seed)
+        (:func:`mlp`, :func:`small_cnn`), and the mini-batches those of
+        train_classifier(..., seed=seed): members with one seed start alike and see the same
+        batches (they are paired).
+    lr: its SGD learning rate.
+    init_gain: None keeps torch's default initialization; a number g (or one per layer)
+        draws every weight from N(0, g^2 / fan_in) and zeroes the biases (:func:`gaussian_init_`
+        is g = 1). Fully connected stacks only.
+    dropout: the probability of dropping each hidden unit in training (after the activation).
+        Fully connected stacks only.
+    ghost: with norm="bn", normalize each group of this many consecutive examples of a batch
+        with its own statistics (ghost batch norm; see :class:`GhostBatchNorm`).
+    """
+
+    norm: str | None = None
+    seed: int = 0
+    lr: float = 0.1
+    init_gain: float | tuple[float, ...] | None = None
+    dropout: float = 0.0
+    ghost: int | None = None
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.ghost is not None and (self.norm != "bn" or self.ghost < 2):
+            raise ValueError(f"ghost needs norm='bn' and at least 2 examples, got {self}")
+
+
+class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm for (N, C, *) input of any rank. With ``ghost=g``, training normalizes each
+    group of g consecutive examples with that group's own mean and variance ("ghost batch
+    norm", Hoffer et al., 2017): the noise of batch norm at batch size g, whatever the batch
+    size of the gradient step. The running statistics follow the whole batch, so evaluation is
+    the same as plain batch norm's. N must be a multiple of g; ghost=None (or g >= N) is
+    ordinary batch norm.
+    """
+
+    def __init__(self, num_features, ghost=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.ghost = ghost
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected input of shape (N, C, *), got {tuple(input.shape)}")
+
+    def forward(self, x):
+        n, g = x.shape[0], self.ghost
+        if not self.training or g is None or g >= n:
+            return super().forward(x)
+        if n % g:
+            raise ValueError(f"a batch of {n} cannot be cut into ghost batches of {g}")
+        self._check_input_dim(x)
+        c, rest = x.shape[1], x.shape[2:]
+        # (N, C, *) -> (g, N/g * C, *): one "channel" per (ghost batch, channel) pair
+        groups = x.reshape(n // g, g, c, *rest).transpose(0, 1).reshape(g, n // g * c, *rest)
+        y = nn.functional.batch_norm(groups, None, None, training=True, eps=self.eps)
+        y = y.reshape(g, n // g, c, *rest).transpose(0, 1).reshape(x.shape)
+        if self.track_running_stats:
+            with torch.no_grad():  # the running statistics of the whole batch
+                self.num_batches_tracked.add_(1)
+                factor = (self.momentum if self.momentum is not None
+                          else 1.0 / self.num_batches_tracked.item())
+                nn.functional.batch_norm(x.detach(), self.running_mean, self.running_var,
+                                         training=True, momentum=factor, eps=self.eps)
+        if self.affine:
+            view = (1, c) + (1,) * len(rest)
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y
+
+
+def _norm_layer(norm: str, ghost: int | None, members: int, channels: int, groups: int):
+    """The normalization of `members` consecutive member blocks of `channels` channels."""
+    width = members * channels
+    if norm == "bn":
+        return GhostBatchNorm(width, ghost=ghost)
+    if norm == "syncbn":
+        from bncore.torch import SyncBatchNorm
+
+        return SyncBatchNorm(width)
+    if norm == "ln":
+        return nn.GroupNorm(members, width)  # one group per member: all its channels
+    if channels % groups:
+        raise ValueError(f"group norm with {groups} groups needs a multiple of {groups} "
+                         f"channels, got {channels}")
+    return nn.GroupNorm(members * groups, width)
+
+
+class StackNorm(nn.Module):
+    """The normalization layer of a stack: input (B, S*C, *), member s's channels are
+    s*C ... s*C + C - 1, each member normalized as its Member.norm says (None: unchanged).
+    Each run of consecutive members of one kind shares one module over their channels, which
+    normalizes each member's channels on their own (batch norm is per channel; group norm's
+    groups never straddle two members)."""
+
+    def __init__(self, members, channels: int, groups: int = 4):
+        super().__init__()
+        runs: list[tuple[tuple, int, int]] = []   # (kind, first member, number of members)
+        for s, member in enumerate(members):
+            kind = (member.norm, member.ghost)
+            if runs and runs[-1][0] == kind:
+                runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((kind, s, 1))
+        self.runs = [(first * channels, count * channels) for _, first, count in runs]
+        self.parts = nn.ModuleList(
+            nn.Identity() if norm is None else _norm_layer(norm, ghost, count, channels, groups)
+            for (norm, ghost), _, count in runs)
+
+    def forward(self, x):
+        if len(self.parts) == 1:
+            return self.parts[0](x)
+        return torch.cat([layer(x.narrow(1, start, width))
+                          for layer, (start, width) in zip(self.parts, self.runs, strict=True)],
+                         dim=1)
+
+
+def _linear_init(sizes, seed: int, gain):
+    """The Linear layers of mlp(sizes) built after torch.manual_seed(seed), re-drawn from
+    N(0, gain^2 / fan_in) with zero biases when gain is given (one gain, or one per layer)."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    if gain is not None:
+        gains = tuple(gain) if isinstance(gain, (tuple, list)) else (gain,) * len(layers)
+        if len(gains) != len(layers):
+            raise ValueError(f"need one gain per layer ({len(layers)}), got {gains}")
+        for layer, g in zip(layers, gains, strict=True):
+            nn.init.normal_(layer.weight, 0.0, g * layer.weight.shape[1] ** -0.5)
+            nn.init.zeros_(layer.bias)
+    return [layer.weight.detach().T for layer in layers], [layer.bias.detach() for layer in layers]
+
+
+class StackedMLP(nn.Module):
+    """S fully connected nets, one per Member, as :func:`mlp` with ``bn="before"`` where a
+    member normalizes: (Linear -> [norm] -> activation -> [dropout]) per hidden layer, then a
+    Linear. Input (B, S, sizes[0]): row b of member s is member s's example; output logits
+    (B, S, sizes[-1]). Building it draws from torch's global generator (see Member.seed)."""
+
+    def __init__(self, sizes, members, activation: str = "relu"):
+        super().__init__()
+        self.members, self.sizes = tuple(members), tuple(sizes)
+        inits = [_linear_init(sizes, m.seed, m.init_gain) for m in self.members]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([w[l] for w, _ in inits]))
+                                        for l in range(len(sizes) - 1))  # (S, in, out)
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([b[l] for _, b in inits]))
+                                       for l in range(len(sizes) - 1))   # (S, out)
+        use_norm = any(m.norm is not None for m in self.members)
+        self.norms = nn.ModuleList(StackNorm(self.members, h) for h in sizes[1:-1]) \
+            if use_norm else None
+        self.activation = ACTIVATIONS[activation]()
+        # runs of consecutive members with one dropout probability: (first, count, p)
+        self.dropout_runs: list[tuple[int, int, float]] = []
+        for s, member in enumerate(self.members):
+            last = self.dropout_runs[-1] if self.dropout_runs else None
+            if last and last[2] == member.dropout:
+                self.dropout_runs[-1] = (last[0], last[1] + 1, last[2])
+            else:
+                self.dropout_runs.append((s, 1, member.dropout))
+
+    def forward(self, x):
+        n, s = x.shape[:2]
+        h = x
+        last = len(self.weights) - 1
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(b[:, None, :], h.transpose(0, 1), w).transpose(0, 1)
+            if layer == last:
+                return h
+            if self.norms is not None:
+                h = self.norms[layer](h.reshape(n, -1)).view(n, s, -1)
+            h = self.activation(h)
+            if self.training and any(p for _, _, p in self.dropout_runs):
+                h = torch.cat([_dropout(h.narrow(1, first, count), p)
+                               for first, count, p in self.dropout_runs], dim=1)
+        return h
+
+
+def _dropout(h: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of h with probability p (p = 0: h itself); masks only where needed,
+    since drawing random numbers costs more than the rest of a step of these nets."""
+    if p == 0:
+        return h
+    return h * (torch.rand_like(h) >= p).to(h.dtype) / (1.0 - p)
+
+
+class StackedCNN(nn.Module):
+    """S two-convolution nets, one per Member, as :func:`small_cnn` with ``bn="before"`` where
+    a member normalizes: (conv3x3 -> [norm] -> ReLU -> max-pool 2x2) twice, then a Linear.
+    Input (B, S, 64) (8x8 digits); output logits (B, S, 10). Group norm uses ``groups``
+    groups per layer. Building it draws from torch's global generator (see Member.seed)."""
+
+    def __init__(self, members, channels: tuple[int, int] = (8, 16), groups: int = 4,
+                 n_classes: int = 10):
+        super().__init__()
+        self.members, self.channels = tuple(members), tuple(channels)
+        if any(m.init_gain is not None or m.dropout for m in self.members):
+            raise ValueError("StackedCNN keeps torch's initialization and has no dropout")
+        s, (c1, c2) = len(self.members), self.channels
+        nets = []
+        for m in self.members:
+            torch.manual_seed(m.seed)   # the draws of small_cnn(channels), in its order
+            nets.append((nn.Conv2d(1, c1, 3, padding=1), nn.Conv2d(c1, c2, 3, padding=1),
+                         nn.Linear(c2 * 4, n_classes)))
+        self.conv1 = nn.Conv2d(s, s * c1, 3, padding=1, groups=s)
+        self.conv2 = nn.Conv2d(s * c1, s * c2, 3, padding=1, groups=s)
+        with torch.no_grad():
+            for k, conv in enumerate((self.conv1, self.conv2)):
+                conv.weight.copy_(torch.cat([net[k].weight for net in nets]))
+                conv.bias.copy_(torch.cat([net[k].bias for net in nets]))
+        self.head_weight = nn.Parameter(torch.stack([net[2].weight.detach().T for net in nets]))
+        self.head_bias = nn.Parameter(torch.stack([net[2].bias.detach() for net in nets]))
+        use_norm = any(m.norm is not None for m in self.members)
+        self.norms = nn.ModuleList(StackNorm(self.members, c, groups) for c in channels) \
+            if use_norm else None
+
+    def forward(self, x):
+        n, s = x.shape[:2]
+        h = x.reshape(n, s, 8, 8)
+        for layer, conv in enumerate((self.conv1, self.conv2)):
+            h = conv(h)
+            if self.norms is not None:
+                h = self.norms[layer](h)
+            h = nn.functional.max_pool2d(torch.relu(h), 2)
+        h = h.reshape(n, s, -1).transpose(0, 1)  # (S, B, c2 * 4)
+        return torch.baddbmm(self.head_bias[:, None, :], h, self.head_weight).transpose(0, 1)
+
+
+@torch.no_grad()
+def stack_scores(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
+    """Every member's accuracy and mean cross-entropy on (X, y) in eval mode: {"acc": (S,),
+    "loss": (S,)} as NumPy arrays. The model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    logits = model(X[:, None].expand(-1, len(model.members), *X.shape[1:]))
+    model.train(was_training)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       y.repeat_interleave(len(model.members)),
+                                       reduction="none").view(len(y), -1).mean(0)
+    acc = (logits.argmax(-1) == y[:, None]).float().mean(0)
+    return {"acc": acc.numpy(), "loss": loss.numpy()}
+
+
+def train_stack(model: nn.Module, split: Split, steps: int, batch_size: int = 60,
+                eval_every: int = 50, part: slice | None = None,
+                average_gradients: Callable[[list], list] | None = None,
+                score_train: bool = True) -> dict:
+    """Train every member of a stack (:class:`StackedMLP`, :class:`StackedCNN`) by plain SGD,
+    each at its own learning rate, on its own mini-batches (drawn as train_classifier draws
+    them for the member's seed), for ``steps`` steps.
+
+    part: use only these rows of each batch of ``batch_size`` (one process's share in data
+    parallelism); average_gradients(grads) -> grads, if given, is applied to the list of
+    gradients before each update (e.g. an all-reduce over the processes).
+
+    Returns {"step": [...], "test_acc": (S, T), "train_loss": (S, T): the mini-batch loss at
+    each evaluation (NaN at step 0), and "final": stack_scores on the train and on the test
+    set at the end, as {"train_acc", "train_loss", "test_acc", "test_loss"} (S,) arrays; the
+    train entries only with score_train=True}.
+    """
+    X_train, y_train, X_test, y_test = as_tensors(split)
+    members = model.members
+    seeds = sorted({m.seed for m in members})
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    row = torch.tensor([seeds.index(m.seed) for m in members])
+    lr = torch.tensor([m.lr for m in members])
+    params = list(model.parameters())
+    history = {"step": [0], "test_acc": [stack_scores(model, X_test, y_test)["acc"]],
+               "train_loss": [np.full(len(members), np.nan)]}
+    model.train()
+    for step in range(1, steps + 1):
+        drawn = torch.stack([torch.randint(len(X_train), (batch_size,), generator=g)
+                             for g in generators])
+        idx = drawn[row].T  # (B, S): member s's batch in column s
+        if part is not None:
+            idx = idx[part]
+        logits = model(X_train[idx])
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             y_train[idx].reshape(-1),
+                                             reduction="none").view(idx.shape).mean(0)
+        # one backward for all: member s's parameters only see lr_s * loss_s
+        grads = list(torch.autograd.grad((lr * losses).sum(), params, allow_unused=True))
+        if average_gradients is not None:
+            grads = average_gradients(grads)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.sub_(g)
+        if step % eval_every == 0 or step == steps:
+            history["step"].append(step)
+            history["test_acc"].append(stack_scores(model, X_test, y_test)["acc"])
+            history["train_loss"].append(losses.detach().numpy())
+    test = stack_scores(model, X_test, y_test)
+    final = {"test_acc": test["acc"], "test_loss": test["loss"]}
+    if score_train:
+        train = stack_scores(model, X_train, y_train)
+        final.update(train_acc=train["acc"], train_loss=train["loss"])
+    return {"step": history["step"], "test_acc": np.stack(history["test_acc"], axis=1),
+            "train_loss": np.stack(history["train_loss"], axis=1), "final": final}
+
+
+# --- reporting results over seeds --------------------------------------------------------
+
+def mean_std(values, decimals: int = 1, scale: float = 1.0) -> str:
+    """'mean ± std' of values over the seeds (sample std, ddof=1), e.g. '98.4 ± 0.3'.
+    NaN and inf (a diverged run) count as they are, so a column of them shows 'nan'."""
+    v = scale * np.asarray(values, dtype=float)
+    std = v.std(ddof=1) if v.size > 1 else 0.0
+    return f"{v.mean():.{decimals}f} ± {std:.{decimals}f}"
+
+
+class Table:
+    """A small table of results: HTML in the book (a real <table>), aligned text elsewhere.
+
+    >>> Table(["rate", "no BN"], [["0.1", "96.1 ± 0.3"]], caption="Test accuracy (%)")
+    """
+
+    def __init__(self, header, rows, caption: str = ""):
+        self.header = [str(h) for h in header]
+        self.rows = [[str(cell) for cell in row] for row in rows]
+        if any(len(row) != len(self.header) for row in self.rows):
+            raise ValueError("every row needs one cell per column of the header")
+        self.caption = caption
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        head = "".join(f"<th>{escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>"
+                       for row in self.rows)
+        caption = f"<caption>{escape(self.caption)}</caption>" if self.caption else ""
+        return (f'<table class="table bn-results">{caption}<thead><tr>{head}</tr></thead>'
+                f"<tbody>{body}</tbody></table>")
+
+    def __repr__(self) -> str:
+        widths = [max(len(r[i]) for r in [self.header, *self.rows])
+                  for i in range(len(self.header))]
+        lines = [self.caption] if self.caption else []
+        for row in [self.header, *self.rows]:
+            lines.append("  ".join(c.rjust(w) if i else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        return "\n".join(lines)
+
+
+def largest_working(values, results, threshold: float) -> list:
+    """For every seed, the largest value (of a sweep) at which results >= threshold.
+
+    values: (V,) the swept values, increasing; results: (V, S) one result per value and seed.
+    Returns S entries: a value, or None when no value reaches the threshold.
+    """
+    results = np.asarray(results, dtype=float)
+    out = []
+    for seed in range(results.shape[1]):
+        ok = [v for v, r in zip(values, results[:, seed], strict=True) if r >= threshold]
+        out.append(max(ok) if ok else None)
+    return out
+
+
+# --- data parallelism on one machine (chapter 6): the functions each process runs ----------
+
+def _average_over_processes(grads: list) -> list:
+    """All-reduce a list of gradients (None allowed) and divide by the number of processes,
+    as DistributedDataParallel does, in one message."""
+    import torch.distributed as dist
+
+    present = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, offset = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out
+
+
+def data_parallel_training(rank: int, world_size: int, sizes, members, steps: int,
+                           per_process: int, eval_every: int = 50) -> dict | None:
+    """Run in each of world_size processes (bncore.distributed.run_on_local_processes):
+    train a :class:`StackedMLP` of ``members`` in data parallel. Every step draws the same
+    batch of world_size * per_process examples in every process (the members' seeds); process
+    r trains on rows r * per_process ... (r + 1) * per_process - 1 of it, and the gradients
+    are averaged over the processes before each update, so the weights stay identical
+    everywhere. A member with norm "bn" normalizes with its process's rows only, one with
+    "syncbn" with the whole batch. Returns train_stack's history in process 0 (evaluated with
+    process 0's running statistics, as DistributedDataParallel's buffers are) and None in
+    the others.
+    """
+    from bncore.data import digits
+
+    model = StackedMLP(sizes, members)
+    part = slice(rank * per_process, (rank + 1) * per_process)
+    history = train_stack(model, digits(), steps, batch_size=world_size * per_process,
+                          eval_every=eval_every, part=part,
+                          average_gradients=_average_over_processes, score_train=False)
+    return history if rank == 0 else None
+
+
+def sync_batchnorm_check(rank: int, world_size: int, sizes, seed: int = 0) -> dict:
+    """Run in each of world_size processes: one training step of a small float64
+    net whose BatchNorm1d is converted to SyncBatchNorm. Process `rank` takes
+    sizes[rank] of the first sum(sizes) digits; its loss is the summed
+    cross-entropy of its rows. Returns its outputs, input gradients, parameter
+    gradients and running statistics as NumPy arrays."""
+    from bncore.torch import SyncBatchNorm
+
+    net = SyncBatchNorm.convert_sync_batchnorm(small_bn_net(seed))
+    X, y = first_digits(sum(sizes))
+    mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    x = X[mine].clone().requires_grad_()
+    out = net(x)
+    nn.functional.cross_entropy(out, y[mine], reduction="sum").backward()
+    return {"out": out.detach().numpy(), "dx": x.grad.numpy(),
+            "grad": {name: p.grad.numpy() for name, p in net.named_parameters()},
+            "running_mean": net[1].running_mean.numpy(),
+            "running_var": net[1].running_var.numpy()}
+
+
+def small_bn_net(seed: int = 0) -> nn.Sequential:
+    """Linear(64, 32) -> BatchNorm1d -> ReLU -> Linear(32, 10), float64, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Linear(32, 10)).double()
+
+
+def first_digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n training digits, X (n, 64) float64 and y (n,): the batch of
+    :func:`sync_batchnorm_check`."""
+    from bncore.data import digits
+
+    split = digits()
+    return (torch.as_tensor(split.X_train[:n], dtype=torch.float64),
+            torch.as_tensor(split.y_train[:n]))
+
+
+def data_parallel_demo(rank: int, world_size: int, check: dict, training: dict) -> dict:
+    """Both experiments of the SyncBatchNorm page in one start of the processes:
+    {"check": sync_batchnorm_check(rank, world_size, **check),
+    "training": data_parallel_training(rank, world_size, **training)}."""
+    return {"check": sync_batchnorm_check(rank, world_size, **check),
+            "training": data_parallel_training(rank, world_size, **training)}

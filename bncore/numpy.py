@@ -57,6 +57,10 @@ __all__ = [
     "batch_norm_inference",
     "ema_update",
     "fold_batch_norm",
+    "group_norm_backward",
+    "group_norm_forward",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "numerical_gradient",
     "rel_error",
 ]
@@ -637,3 +641,246 @@ def rel_error(a: ArrayLike, b: ArrayLike) -> float:
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b))))
+
+
+# --- beyond the batch: layer norm and group norm (chapter 6) -----------------------------
+#
+# Both normalize each example on its own, so neither depends on the batch: the same formulas
+# serve training and evaluation, and there are no running statistics. They share one core:
+# view the input as (N, G, M), G groups of M values per example, and normalize each group.
+
+
+def _check_example_input(x, what):
+    """Return x as a floating-point array of shape (N, ...) with at least 2 dimensions."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{what} needs floating-point input (float16, float32 or float64), got dtype "
+            f"{x.dtype}; convert it first, e.g. x.astype(np.float64)"
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{what} expects input of shape (N, D, ...) with at least 2 dimensions (one example "
+            f"per row), got shape {x.shape}"
+        )
+    return x
+
+
+def _check_affine(name, v, shape, x):
+    """Return v as an array of the given shape, or None."""
+    if v is None:
+        return None
+    v = np.asarray(v)
+    if v.shape != tuple(shape):
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)} to match input of shape {x.shape}, "
+            f"got shape {v.shape}"
+        )
+    return v
+
+
+def _normalize_groups(xg, eps):
+    """x_hat and 1/std of every group: xg (N, G, M) -> x_hat (N, G, M), inv_std (N, G).
+
+    Two passes in float64 for the statistics (mean, then mean squared deviation, biased);
+    x_hat in xg's dtype. A group of no values (M == 0) has no statistics: mean 0, var 0.
+    """
+    if xg.shape[2] == 0:
+        mean = var = np.zeros(xg.shape[:2])
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf in x: NaN, as torch
+            mean = xg.mean(axis=2, dtype=np.float64)
+            deviation = xg - mean[..., None].astype(xg.dtype)
+            var = np.square(deviation).mean(axis=2, dtype=np.float64)
+    inv_std = (1.0 / np.sqrt(var + eps)).astype(xg.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        x_hat = (xg - mean[..., None].astype(xg.dtype)) * inv_std[..., None]
+    return x_hat, inv_std
+
+
+def _normalize_groups_backward(dx_hat, x_hat, inv_std):
+    """dx from dL/dx_hat, all (N, G, M), through the statistics of each group:
+
+        dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
+
+    the means taken over the M values of a group (batch norm's formula, with a group of one
+    example in place of a channel of the batch).
+    """
+    if x_hat.shape[2] == 0:
+        return np.zeros_like(x_hat)
+    ct = x_hat.dtype
+    mean_d = dx_hat.mean(axis=2, keepdims=True, dtype=np.float64).astype(ct)
+    mean_dx = (dx_hat * x_hat).mean(axis=2, keepdims=True, dtype=np.float64).astype(ct)
+    return inv_std[..., None] * (dx_hat - mean_d - x_hat * mean_dx)
+
+
+def _check_cache_kind(cache, kind, dy):
+    if cache.get("kind") != kind:
+        source = f"{cache['kind']}_forward" if "kind" in cache else "another forward pass"
+        raise ValueError(f"this cache comes from {source}, not from {kind}_forward")
+    dy = np.asarray(dy)
+    if dy.shape != cache["shape"]:
+        raise ValueError(
+            f"dy has shape {dy.shape}, but the forward input had shape {cache['shape']}"
+        )
+    return dy.astype(cache["x_hat"].dtype, copy=False)
+
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """Layer normalization: normalize every example over all its values.
+
+        mu_n = mean of x[n],   var_n = mean of (x[n] - mu_n)**2          (biased)
+        y[n] = gamma * (x[n] - mu_n) / sqrt(var_n + eps) + beta
+
+    The same as ``torch.nn.functional.layer_norm(x, x.shape[1:], gamma, beta, eps)``. The
+    statistics come from one example, never from the batch: training and evaluation agree.
+
+    Inputs:
+    - x: Data of shape (N, D) or (N, C, H, W), or any (N, ...) with at least 2 dimensions;
+      float16, float32 or float64
+    - gamma: Scale of shape x.shape[1:] (one per value of an example), or None (as 1)
+    - beta: Shift of shape x.shape[1:], or None (as 0)
+    - eps: Constant > 0 added to the variance
+
+    Returns a tuple of:
+    - y: Output shaped like x, in x's dtype
+    - cache: dict for layer_norm_backward
+
+    Raises TypeError for integer input; ValueError for fewer than 2 dimensions, a gamma or
+    beta of another shape, or eps <= 0. As torch, an example of one value gives y = beta.
+    """
+    _check_eps(eps)
+    x = _check_example_input(x, "layer_norm_forward")
+    gamma = _check_affine("gamma", gamma, x.shape[1:], x)
+    beta = _check_affine("beta", beta, x.shape[1:], x)
+    ct = _compute_dtype(x.dtype)
+    per_example = math.prod(x.shape[1:])
+    xg = x.astype(ct, copy=False).reshape(x.shape[0], 1, per_example)
+    x_hat, inv_std = _normalize_groups(xg, eps)
+    x_hat = x_hat.reshape(x.shape)
+    y = x_hat * gamma.astype(ct) if gamma is not None else x_hat.copy()
+    if beta is not None:
+        y = y + beta.astype(ct)
+    cache = {"kind": "layer_norm", "x_hat": x_hat, "inv_std": inv_std, "gamma": gamma,
+             "beta": beta, "shape": x.shape, "dtype": x.dtype}
+    return y.astype(x.dtype, copy=False), cache
+
+
+def layer_norm_backward(dy, cache):
+    """Backward pass of layer normalization.
+
+        dbeta  = sum over n of dy[n]                 (shape x.shape[1:])
+        dgamma = sum over n of dy[n] * x_hat[n]
+        dx[n]  = inv_std_n * (g - mean(g) - x_hat[n] * mean(g * x_hat[n])),  g = gamma * dy[n]
+
+    with the means over the values of example n.
+
+    Inputs:
+    - dy: Upstream derivatives, shaped like the forward input x
+    - cache: The cache returned by layer_norm_forward
+
+    Returns a tuple of:
+    - dx: Gradient with respect to x, shaped like x, in x's dtype
+    - dgamma: Gradient with respect to gamma, shape x.shape[1:]; None if gamma was None
+    - dbeta: Gradient with respect to beta, shape x.shape[1:]; None if beta was None
+    """
+    dy = _check_cache_kind(cache, "layer_norm", dy)
+    x_hat, gamma, beta = cache["x_hat"], cache["gamma"], cache["beta"]
+    ct, shape = x_hat.dtype, cache["shape"]
+    grouped = (shape[0], 1, math.prod(shape[1:]))
+    dx_hat = dy if gamma is None else dy * gamma.astype(ct)
+    dx = _normalize_groups_backward(dx_hat.reshape(grouped), x_hat.reshape(grouped),
+                                    cache["inv_std"])
+    dgamma = dbeta = None
+    if gamma is not None:
+        dgamma = (dy * x_hat).sum(axis=0, dtype=np.float64).astype(np.result_type(gamma, ct))
+    if beta is not None:
+        dbeta = dy.sum(axis=0, dtype=np.float64).astype(np.result_type(beta, ct))
+    return dx.reshape(cache["shape"]).astype(cache["dtype"], copy=False), dgamma, dbeta
+
+
+def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
+    """Group normalization: split the C channels of every example into num_groups groups of
+    C / num_groups consecutive channels, and normalize each group over its channels and
+    positions.
+
+        for example n and group g (channels c in g, and every position):
+        mu_ng = mean of x[n, c, ...],   var_ng = mean of (x[n, c, ...] - mu_ng)**2   (biased)
+        y[n, c] = gamma_c * (x[n, c] - mu_ng) / sqrt(var_ng + eps) + beta_c
+
+    The same as ``torch.nn.functional.group_norm(x, num_groups, gamma, beta, eps)``.
+    num_groups = 1 is layer norm with one gamma per channel; num_groups = C is instance norm
+    (each channel of each example normalized over its positions).
+
+    Inputs:
+    - x: Data of shape (N, C), (N, C, L) or (N, C, H, W) (any (N, C, ...)); float16, float32
+      or float64
+    - gamma: Scale of shape (C,), or None (as 1)
+    - beta: Shift of shape (C,), or None (as 0)
+    - num_groups: Number of groups G >= 1; must divide C
+    - eps: Constant > 0 added to the variance
+
+    Returns a tuple of:
+    - y: Output shaped like x, in x's dtype
+    - cache: dict for group_norm_backward
+
+    Raises TypeError for integer input or a num_groups that is not an integer; ValueError for
+    fewer than 2 dimensions, num_groups < 1 or not dividing C, gamma or beta not of shape
+    (C,), or eps <= 0.
+    """
+    _check_eps(eps)
+    x = _check_example_input(x, "group_norm_forward")
+    num_groups = operator.index(num_groups)
+    c = x.shape[1]
+    if num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"num_groups must be a positive divisor of the number of channels C = {c} "
+            f"(input of shape {x.shape}), got num_groups={num_groups}"
+        )
+    gamma = _check_affine("gamma", gamma, (c,), x)
+    beta = _check_affine("beta", beta, (c,), x)
+    ct = _compute_dtype(x.dtype)
+    grouped = (x.shape[0], num_groups, math.prod(x.shape[1:]) // num_groups)
+    xg = x.astype(ct, copy=False).reshape(grouped)
+    x_hat, inv_std = _normalize_groups(xg, eps)
+    x_hat = x_hat.reshape(x.shape)
+    y = x_hat * _channel(gamma.astype(ct), x.ndim) if gamma is not None else x_hat.copy()
+    if beta is not None:
+        y = y + _channel(beta.astype(ct), x.ndim)
+    cache = {"kind": "group_norm", "x_hat": x_hat, "inv_std": inv_std, "gamma": gamma,
+             "beta": beta, "num_groups": num_groups, "shape": x.shape, "dtype": x.dtype}
+    return y.astype(x.dtype, copy=False), cache
+
+
+def group_norm_backward(dy, cache):
+    """Backward pass of group normalization.
+
+        dbeta_c  = sum of dy[:, c]              over the examples and positions
+        dgamma_c = sum of dy[:, c] * x_hat[:, c]
+        dx       = inv_std_ng * (g - mean(g) - x_hat * mean(g * x_hat)),   g = gamma_c * dy
+
+    with the means over the values of group g of example n.
+
+    Inputs:
+    - dy: Upstream derivatives, shaped like the forward input x
+    - cache: The cache returned by group_norm_forward
+
+    Returns a tuple of:
+    - dx: Gradient with respect to x, shaped like x, in x's dtype
+    - dgamma: Gradient with respect to gamma, shape (C,); None if gamma was None
+    - dbeta: Gradient with respect to beta, shape (C,); None if beta was None
+    """
+    dy = _check_cache_kind(cache, "group_norm", dy)
+    x_hat, gamma, beta = cache["x_hat"], cache["gamma"], cache["beta"]
+    ct, nd, shape = x_hat.dtype, x_hat.ndim, cache["shape"]
+    grouped = (shape[0], cache["num_groups"], math.prod(shape[1:]) // cache["num_groups"])
+    dx_hat = dy if gamma is None else dy * _channel(gamma.astype(ct), nd)
+    dx = _normalize_groups_backward(dx_hat.reshape(grouped), x_hat.reshape(grouped),
+                                    cache["inv_std"])
+    axes = _axes(nd)
+    dgamma = dbeta = None
+    if gamma is not None:
+        dgamma = (dy * x_hat).sum(axis=axes, dtype=np.float64).astype(np.result_type(gamma, ct))
+    if beta is not None:
+        dbeta = dy.sum(axis=axes, dtype=np.float64).astype(np.result_type(beta, ct))
+    return dx.reshape(cache["shape"]).astype(cache["dtype"], copy=False), dgamma, dbeta

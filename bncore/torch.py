@@ -780,3 +780,6 @@ class BatchNorm2d(_BatchNorm):
     _input_dims = (4,)
     _input_shapes = "(N, C, H, W)"
 
+
+
+from bncore.distributed import SyncBatchNorm as SyncBatchNorm  # noqa: E402  (chapter 6)
