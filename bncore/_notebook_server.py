@@ -265,10 +265,17 @@ class NotebookServer:
         result), answering the requests that come first."""
         while True:
             message["sync"] = self.sync_out()
-            for stream in (sys.stdout, sys.stderr):  # what was printed goes out first
+            streams = sys.stdout, sys.stderr
+            for stream in streams:  # what was printed goes out first
                 if getattr(stream, "_flush_pending", True):  # (ipykernel: only when written)
                     stream.flush()
-            reply = json.loads(self.input(json.dumps(message)))
+            # ipykernel's input() flushes both streams again, each a round trip to its I/O
+            # thread; with nothing left to flush, it is told there are none.
+            sys.stdout = sys.stderr = None
+            try:
+                reply = json.loads(self.input(json.dumps(message)))
+            finally:
+                sys.stdout, sys.stderr = streams
             if reply["kind"] == "request":
                 message = self.answer(reply)
             else:
