@@ -43,13 +43,22 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.types import Device
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.queues import Queue
 
 __all__ = ["SyncBatchNorm", "run_on_local_processes"]
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ statistics
@@ -84,7 +93,8 @@ def _local_moments(x: torch.Tensor, channels: int) -> torch.Tensor:
     return out
 
 
-def _combine_moments(moments: torch.Tensor, channels: int):
+def _combine_moments(moments: torch.Tensor,
+                     channels: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(N, mean, biased var) of the union of the parts: moments is (k, 1 + 2C), one row per
     process as made by :func:`_local_moments`. N is a Python int; mean and var (C,) float64."""
     counts = moments[:, 0]
@@ -111,7 +121,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, mean, invstd, count, group, batch_stats):
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        count: int,
+        group: dist.ProcessGroup | None,
+        batch_stats: bool,
+    ) -> torch.Tensor:
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         shift = -mean * scale
         if bias is not None:
@@ -124,7 +144,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         input, weight, mean, invstd = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         cdtype, dims = invstd.dtype, _reduce_dims(input)
@@ -189,16 +209,30 @@ class SyncBatchNorm(nn.Module):
 
     _version = 2
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
-                 bias=True):
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    process_group: dist.ProcessGroup | None
+    # None without affine (weight and bias) or without track_running_stats (the buffers).
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: dist.ProcessGroup | None = None, device: Device = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True) -> None:
         super().__init__()
         num_features = operator.index(num_features)
         if num_features < 0:
             raise ValueError(f"num_features must be >= 0, got {num_features}")
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         self.process_group = process_group
@@ -216,6 +250,9 @@ class SyncBatchNorm(nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            # Tensors: __init__ registered them so with track_running_stats=True.
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
@@ -234,7 +271,7 @@ class SyncBatchNorm(nn.Module):
 
     # -------------------------------------------------------------- checks
 
-    def _problem_with(self, input) -> Exception | None:
+    def _problem_with(self, input: object) -> Exception | None:
         """The error that this input deserves, or None; raised by the caller, after the
         other processes have been told."""
         name = type(self).__name__
@@ -251,7 +288,7 @@ class SyncBatchNorm(nn.Module):
             return ValueError(f"{name} eps must be positive, got {self.eps}")
         return None
 
-    def _sync_group(self):
+    def _sync_group(self) -> dist.ProcessGroup | None:
         """The process group to synchronize over, or None for ordinary batch norm."""
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return None
@@ -269,6 +306,7 @@ class SyncBatchNorm(nn.Module):
             raise problem
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats:  # evaluation with the running statistics: nothing to share
+            assert self.running_mean is not None and self.running_var is not None
             cdtype = _compute_dtype(input.dtype)
             mean = self.running_mean.to(cdtype, copy=True)
             invstd = torch.rsqrt(self.running_var.to(cdtype) + self.eps)
@@ -282,7 +320,9 @@ class SyncBatchNorm(nn.Module):
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, mean.to(cdtype),
                                             invstd, count, group, True)
 
-    def _batch_statistics(self, input, problem, group):
+    def _batch_statistics(
+        self, input: torch.Tensor, problem: Exception | None, group: dist.ProcessGroup | None
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(N, mean, biased var) over the batch of every process in group (or of this one)."""
         channels = self.num_features
         with torch.no_grad():
@@ -315,7 +355,9 @@ class SyncBatchNorm(nn.Module):
         return count, mean, var
 
     @torch.no_grad()
-    def _update_running_stats(self, count, mean, var):
+    def _update_running_stats(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+        # Tensors: called with track_running_stats=True only, under which __init__ registered them.
+        assert self.num_batches_tracked is not None
         if count == 0:  # an empty batch counts, as in torch, but has no statistics
             self.num_batches_tracked.add_(1)
             return
@@ -327,13 +369,16 @@ class SyncBatchNorm(nn.Module):
             factor = 1.0 / self.num_batches_tracked.item()
         else:
             factor = self.momentum
+        assert self.running_mean is not None and self.running_var is not None
         for running, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
             running.mul_(1 - factor).add_(stat.to(running.dtype), alpha=factor)
 
     # -------------------------------------------------------------- state and conversion
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         # State dicts saved before num_batches_tracked existed (version < 2) load with 0.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
@@ -343,7 +388,8 @@ class SyncBatchNorm(nn.Module):
                                       unexpected_keys, error_msgs)
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+    def convert_sync_batchnorm(cls, module: nn.Module,
+                               process_group: dist.ProcessGroup | None = None) -> nn.Module:
         """Replace every batch-norm layer in module by a SyncBatchNorm, as
         ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: torch's BatchNorm1d/2d/3d and
         SyncBatchNorm, bncore.torch's BatchNorm1d/2d and this class. The new layer takes over
@@ -353,21 +399,38 @@ class SyncBatchNorm(nn.Module):
         """
         converted = module
         if isinstance(module, _batch_norm_classes()):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group,
+            old = cast(_BatchNormLayer, module)
+            converted = cls(old.num_features, old.eps, old.momentum, old.affine,
+                            old.track_running_stats, process_group,
                             bias=getattr(module, "bias", None) is not None)
-            if module.affine:
-                converted.weight = module.weight
-                converted.bias = module.bias
-            converted.running_mean = module.running_mean
-            converted.running_var = module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
+            if old.affine:
+                converted.weight = old.weight
+                converted.bias = old.bias
+            converted.running_mean = old.running_mean
+            converted.running_var = old.running_var
+            converted.num_batches_tracked = old.num_batches_tracked
             converted.training = module.training
             if hasattr(module, "qconfig"):
                 converted.qconfig = module.qconfig
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+
+class _BatchNormLayer(Protocol):
+    """What convert_sync_batchnorm takes over from a layer of _batch_norm_classes(): every
+    one of them has these attributes, which nn.Module does not declare."""
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
 
 
 def _batch_norm_classes() -> tuple[type, ...]:
@@ -380,11 +443,17 @@ def _batch_norm_classes() -> tuple[type, ...]:
 
 # ------------------------------------------------------------------ k processes on one machine
 
+# What a process of run_on_local_processes reports: (rank, True, its pickled result) or
+# (rank, False, the traceback of its error).
+_Report = tuple[int, Literal[True], bytes] | tuple[int, Literal[False], str]
+
+
 def _loopback_interface() -> str:
     return "lo0" if sys.platform == "darwin" else "lo"
 
 
-def _process_main(fn, rank, world_size, port, timeout, args, results):
+def _process_main(fn: Callable[..., object], rank: int, world_size: int, port: int,
+                  timeout: float, args: tuple[Any, ...], results: Queue[_Report]) -> None:
     """One process of run_on_local_processes: join the group, run fn, report, leave."""
     os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()  # gloo listens on 127.0.0.1 only
     torch.set_num_threads(1)
@@ -403,7 +472,8 @@ def _process_main(fn, rank, world_size, port, timeout, args, results):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_on_local_processes(fn, world_size: int, args: tuple = (), timeout: float = 120.0) -> list:
+def run_on_local_processes(fn: Callable[..., T], world_size: int, args: tuple[Any, ...] = (),
+                           timeout: float = 120.0) -> list[T]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes joined in a gloo
     process group on this machine, and return their results, in rank order.
 
@@ -421,7 +491,7 @@ def run_on_local_processes(fn, world_size: int, args: tuple = (), timeout: float
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     context = multiprocessing.get_context("spawn")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    processes = []
+    processes: list[BaseProcess] = []
     try:
         listener.bind(("127.0.0.1", 0))
         listener.listen(world_size)
@@ -430,7 +500,7 @@ def run_on_local_processes(fn, world_size: int, args: tuple = (), timeout: float
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=limit,
                               wait_for_workers=False, master_listen_fd=listener.fileno())
         listener.detach()  # the store owns the socket now, and closes it when it goes
-        results = context.Queue()
+        results: Queue[_Report] = context.Queue()
         processes = [context.Process(target=_process_main, daemon=True,
                                      args=(fn, rank, world_size, port, timeout, args, results))
                      for rank in range(world_size)]
@@ -448,12 +518,13 @@ def run_on_local_processes(fn, world_size: int, args: tuple = (), timeout: float
         listener.close()
 
 
-def _collect(results, processes, deadline):
+def _collect(results: Queue[_Report], processes: Sequence[BaseProcess],
+             deadline: float) -> list[Any]:
     """Each process's result in rank order; raises as soon as one fails, dies or is late."""
     out: dict[int, object] = {}
     while len(out) < len(processes):
         try:
-            rank, ok, value = results.get(timeout=0.05)
+            report = results.get(timeout=0.05)
         except queue_module.Empty:
             dead = [r for r, p in enumerate(processes) if r not in out and p.exitcode not in
                     (None, 0)]
@@ -467,14 +538,15 @@ def _collect(results, processes, deadline):
                 raise TimeoutError(f"processes {missing} had not finished when the time limit "
                                    "ran out; all were stopped") from None
             continue
-        if not ok:
+        rank = report[0]
+        if not report[1]:  # then report[2] is the traceback
             _stop(processes)
-            raise RuntimeError(f"process {rank} of {len(processes)} failed:\n{value}")
-        out[rank] = pickle.loads(value)
+            raise RuntimeError(f"process {rank} of {len(processes)} failed:\n{report[2]}")
+        out[rank] = pickle.loads(report[2])
     return [out[rank] for rank in range(len(processes))]
 
 
-def _stop(processes):
+def _stop(processes: Sequence[BaseProcess]) -> None:
     for process in processes:
         if process.is_alive():
             process.kill()

@@ -7,7 +7,7 @@ cores. Each function seeds its own generator: the same arguments give the same n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -446,7 +446,7 @@ class Member:
     dropout: float = 0.0
     ghost: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not self.lr > 0:
@@ -466,15 +466,15 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
     ordinary batch norm.
     """
 
-    def __init__(self, num_features, ghost=None, **kwargs):
+    def __init__(self, num_features: int, ghost: int | None = None, **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         self.ghost = ghost
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected input of shape (N, C, *), got {tuple(input.shape)}")
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, g = x.shape[0], self.ghost
         if not self.training or g is None or g >= n:
             return super().forward(x)
@@ -487,6 +487,7 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = nn.functional.batch_norm(groups, None, None, training=True, eps=self.eps)
         y = y.reshape(g, n // g, c, *rest).transpose(0, 1).reshape(x.shape)
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None  # registered: track_running_stats
             with torch.no_grad():  # the running statistics of the whole batch
                 self.num_batches_tracked.add_(1)
                 factor = (self.momentum if self.momentum is not None
@@ -499,7 +500,8 @@ class GhostBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
-def _norm_layer(norm: str, ghost: int | None, members: int, channels: int, groups: int):
+def _norm_layer(norm: str, ghost: int | None, members: int, channels: int,
+                groups: int) -> nn.Module:
     """The normalization of `members` consecutive member blocks of `channels` channels."""
     width = members * channels
     if norm == "bn":
@@ -523,9 +525,10 @@ class StackNorm(nn.Module):
     normalizes each member's channels on their own (batch norm is per channel; group norm's
     groups never straddle two members)."""
 
-    def __init__(self, members, channels: int, groups: int = 4):
+    def __init__(self, members: Iterable[Member], channels: int, groups: int = 4) -> None:
         super().__init__()
-        runs: list[tuple[tuple, int, int]] = []   # (kind, first member, number of members)
+        # (kind, first member, number of members); kind is (norm, ghost)
+        runs: list[tuple[tuple[str | None, int | None], int, int]] = []
         for s, member in enumerate(members):
             kind = (member.norm, member.ghost)
             if runs and runs[-1][0] == kind:
@@ -537,7 +540,7 @@ class StackNorm(nn.Module):
             nn.Identity() if norm is None else _norm_layer(norm, ghost, count, channels, groups)
             for (norm, ghost), _, count in runs)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
             return self.parts[0](x)
         return torch.cat([layer(x.narrow(1, start, width))
@@ -545,7 +548,8 @@ class StackNorm(nn.Module):
                          dim=1)
 
 
-def _linear_init(sizes, seed: int, gain):
+def _linear_init(sizes: Sequence[int], seed: int, gain: float | tuple[float, ...] | None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The Linear layers of mlp(sizes) built after torch.manual_seed(seed), re-drawn from
     N(0, gain^2 / fan_in) with zero biases when gain is given (one gain, or one per layer)."""
     torch.manual_seed(seed)
@@ -566,7 +570,8 @@ class StackedMLP(nn.Module):
     Linear. Input (B, S, sizes[0]): row b of member s is member s's example; output logits
     (B, S, sizes[-1]). Building it draws from torch's global generator (see Member.seed)."""
 
-    def __init__(self, sizes, members, activation: str = "relu"):
+    def __init__(self, sizes: Sequence[int], members: Iterable[Member],
+                 activation: str = "relu") -> None:
         super().__init__()
         self.members, self.sizes = tuple(members), tuple(sizes)
         inits = [_linear_init(sizes, m.seed, m.init_gain) for m in self.members]
@@ -587,7 +592,7 @@ class StackedMLP(nn.Module):
             else:
                 self.dropout_runs.append((s, 1, member.dropout))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[:2]
         h = x
         last = len(self.weights) - 1
@@ -612,14 +617,20 @@ def _dropout(h: torch.Tensor, p: float) -> torch.Tensor:
     return h * (torch.rand_like(h) >= p).to(h.dtype) / (1.0 - p)
 
 
+def _bias(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """The bias of a layer built with one (torch's default), which torch types as optional."""
+    assert layer.bias is not None
+    return layer.bias
+
+
 class StackedCNN(nn.Module):
     """S two-convolution nets, one per Member, as :func:`small_cnn` with ``bn="before"`` where
     a member normalizes: (conv3x3 -> [norm] -> ReLU -> max-pool 2x2) twice, then a Linear.
     Input (B, S, 64) (8x8 digits); output logits (B, S, 10). Group norm uses ``groups``
     groups per layer. Building it draws from torch's global generator (see Member.seed)."""
 
-    def __init__(self, members, channels: tuple[int, int] = (8, 16), groups: int = 4,
-                 n_classes: int = 10):
+    def __init__(self, members: Iterable[Member], channels: tuple[int, int] = (8, 16),
+                 groups: int = 4, n_classes: int = 10) -> None:
         super().__init__()
         self.members, self.channels = tuple(members), tuple(channels)
         if any(m.init_gain is not None or m.dropout for m in self.members):
@@ -635,14 +646,14 @@ class StackedCNN(nn.Module):
         with torch.no_grad():
             for k, conv in enumerate((self.conv1, self.conv2)):
                 conv.weight.copy_(torch.cat([net[k].weight for net in nets]))
-                conv.bias.copy_(torch.cat([net[k].bias for net in nets]))
+                _bias(conv).copy_(torch.cat([_bias(net[k]) for net in nets]))
         self.head_weight = nn.Parameter(torch.stack([net[2].weight.detach().T for net in nets]))
         self.head_bias = nn.Parameter(torch.stack([net[2].bias.detach() for net in nets]))
         use_norm = any(m.norm is not None for m in self.members)
         self.norms = nn.ModuleList(StackNorm(self.members, c, groups) for c in channels) \
             if use_norm else None
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[:2]
         h = x.reshape(n, s, 8, 8)
         for layer, conv in enumerate((self.conv1, self.conv2)):
@@ -655,7 +666,8 @@ class StackedCNN(nn.Module):
 
 
 @torch.no_grad()
-def stack_scores(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
+def stack_scores(model: StackedMLP | StackedCNN, X: torch.Tensor,
+                 y: torch.Tensor) -> dict[str, np.ndarray]:
     """Every member's accuracy and mean cross-entropy on (X, y) in eval mode: {"acc": (S,),
     "loss": (S,)} as NumPy arrays. The model's mode is restored."""
     was_training = model.training
@@ -669,10 +681,14 @@ def stack_scores(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
     return {"acc": acc.numpy(), "loss": loss.numpy()}
 
 
-def train_stack(model: nn.Module, split: Split, steps: int, batch_size: int = 60,
+# One gradient per parameter of a stack; None where the loss does not reach the parameter.
+Gradients = list[torch.Tensor | None]
+
+
+def train_stack(model: StackedMLP | StackedCNN, split: Split, steps: int, batch_size: int = 60,
                 eval_every: int = 50, part: slice | None = None,
-                average_gradients: Callable[[list], list] | None = None,
-                score_train: bool = True) -> dict:
+                average_gradients: Callable[[Gradients], Gradients] | None = None,
+                score_train: bool = True) -> dict[str, Any]:
     """Train every member of a stack (:class:`StackedMLP`, :class:`StackedCNN`) by plain SGD,
     each at its own learning rate, on its own mini-batches (drawn as train_classifier draws
     them for the member's seed), for ``steps`` steps.
@@ -693,8 +709,9 @@ def train_stack(model: nn.Module, split: Split, steps: int, batch_size: int = 60
     row = torch.tensor([seeds.index(m.seed) for m in members])
     lr = torch.tensor([m.lr for m in members])
     params = list(model.parameters())
-    history = {"step": [0], "test_acc": [stack_scores(model, X_test, y_test)["acc"]],
-               "train_loss": [np.full(len(members), np.nan)]}
+    history: dict[str, list[Any]] = {
+        "step": [0], "test_acc": [stack_scores(model, X_test, y_test)["acc"]],
+        "train_loss": [np.full(len(members), np.nan)]}
     model.train()
     for step in range(1, steps + 1):
         drawn = torch.stack([torch.randint(len(X_train), (batch_size,), generator=g)
@@ -707,7 +724,7 @@ def train_stack(model: nn.Module, split: Split, steps: int, batch_size: int = 60
                                              y_train[idx].reshape(-1),
                                              reduction="none").view(idx.shape).mean(0)
         # one backward for all: member s's parameters only see lr_s * loss_s
-        grads = list(torch.autograd.grad((lr * losses).sum(), params, allow_unused=True))
+        grads: Gradients = list(torch.autograd.grad((lr * losses).sum(), params, allow_unused=True))
         if average_gradients is not None:
             grads = average_gradients(grads)
         with torch.no_grad():
@@ -729,7 +746,7 @@ def train_stack(model: nn.Module, split: Split, steps: int, batch_size: int = 60
 
 # --- reporting results over seeds --------------------------------------------------------
 
-def mean_std(values, decimals: int = 1, scale: float = 1.0) -> str:
+def mean_std(values: ArrayLike, decimals: int = 1, scale: float = 1.0) -> str:
     """'mean ± std' of values over the seeds (sample std, ddof=1), e.g. '98.4 ± 0.3'.
     NaN and inf (a diverged run) count as they are, so a column of them shows 'nan'."""
     v = scale * np.asarray(values, dtype=float)
@@ -743,7 +760,8 @@ class Table:
     >>> Table(["rate", "no BN"], [["0.1", "96.1 ± 0.3"]], caption="Test accuracy (%)")
     """
 
-    def __init__(self, header, rows, caption: str = ""):
+    def __init__(self, header: Iterable[object], rows: Iterable[Iterable[object]],
+                 caption: str = "") -> None:
         self.header = [str(h) for h in header]
         self.rows = [[str(cell) for cell in row] for row in rows]
         if any(len(row) != len(self.header) for row in self.rows):
@@ -770,7 +788,8 @@ class Table:
         return "\n".join(lines)
 
 
-def largest_working(values, results, threshold: float) -> list:
+def largest_working(values: Sequence[float], results: ArrayLike,
+                    threshold: float) -> list[float | None]:
     """For every seed, the largest value (of a sweep) at which results >= threshold.
 
     values: (V,) the swept values, increasing; results: (V, S) one result per value and seed.
@@ -786,7 +805,7 @@ def largest_working(values, results, threshold: float) -> list:
 
 # --- data parallelism on one machine (chapter 6): the functions each process runs ----------
 
-def _average_over_processes(grads: list) -> list:
+def _average_over_processes(grads: Gradients) -> Gradients:
     """All-reduce a list of gradients (None allowed) and divide by the number of processes,
     as DistributedDataParallel does, in one message."""
     import torch.distributed as dist
@@ -795,7 +814,8 @@ def _average_over_processes(grads: list) -> list:
     flat = torch.cat([g.reshape(-1) for g in present])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    out, offset = [], 0
+    out: Gradients = []
+    offset = 0
     for g in grads:
         if g is None:
             out.append(None)
@@ -805,8 +825,9 @@ def _average_over_processes(grads: list) -> list:
     return out
 
 
-def data_parallel_training(rank: int, world_size: int, sizes, members, steps: int,
-                           per_process: int, eval_every: int = 50) -> dict | None:
+def data_parallel_training(rank: int, world_size: int, sizes: Sequence[int],
+                           members: Iterable[Member], steps: int, per_process: int,
+                           eval_every: int = 50) -> dict[str, Any] | None:
     """Run in each of world_size processes (bncore.distributed.run_on_local_processes):
     train a :class:`StackedMLP` of ``members`` in data parallel. Every step draws the same
     batch of world_size * per_process examples in every process (the members' seeds); process
@@ -827,7 +848,8 @@ def data_parallel_training(rank: int, world_size: int, sizes, members, steps: in
     return history if rank == 0 else None
 
 
-def sync_batchnorm_check(rank: int, world_size: int, sizes, seed: int = 0) -> dict:
+def sync_batchnorm_check(rank: int, world_size: int, sizes: Sequence[int],
+                         seed: int = 0) -> dict[str, Any]:
     """Run in each of world_size processes: one training step of a small float64
     net whose BatchNorm1d is converted to SyncBatchNorm. Process `rank` takes
     sizes[rank] of the first sum(sizes) digits; its loss is the summed
@@ -841,10 +863,16 @@ def sync_batchnorm_check(rank: int, world_size: int, sizes, seed: int = 0) -> di
     x = X[mine].clone().requires_grad_()
     out = net(x)
     nn.functional.cross_entropy(out, y[mine], reduction="sum").backward()
-    return {"out": out.detach().numpy(), "dx": x.grad.numpy(),
-            "grad": {name: p.grad.numpy() for name, p in net.named_parameters()},
-            "running_mean": net[1].running_mean.numpy(),
-            "running_var": net[1].running_var.numpy()}
+    return {"out": out.detach().numpy(), "dx": _grad(x),
+            "grad": {name: _grad(p) for name, p in net.named_parameters()},
+            "running_mean": net.get_buffer("1.running_mean").numpy(),
+            "running_var": net.get_buffer("1.running_var").numpy()}
+
+
+def _grad(t: torch.Tensor) -> np.ndarray:
+    """t.grad as a NumPy array, after a backward pass that reached t."""
+    assert t.grad is not None
+    return t.grad.numpy()
 
 
 def small_bn_net(seed: int = 0) -> nn.Sequential:

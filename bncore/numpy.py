@@ -65,7 +65,8 @@ __all__ = [
     "rel_error",
 ]
 
-# What batch_norm_forward hands to batch_norm_backward: a dict of arrays and flags (see _normalize).
+# What a forward function hands to its backward: a dict of arrays and flags (see _normalize,
+# layer_norm_forward and group_norm_forward).
 Cache = dict[str, Any]
 
 
@@ -650,7 +651,7 @@ def rel_error(a: ArrayLike, b: ArrayLike) -> float:
 # view the input as (N, G, M), G groups of M values per example, and normalize each group.
 
 
-def _check_example_input(x, what):
+def _check_example_input(x: ArrayLike, what: str) -> np.ndarray:
     """Return x as a floating-point array of shape (N, ...) with at least 2 dimensions."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
@@ -666,7 +667,8 @@ def _check_example_input(x, what):
     return x
 
 
-def _check_affine(name, v, shape, x):
+def _check_affine(name: str, v: ArrayLike | None, shape: tuple[int, ...],
+                  x: np.ndarray) -> np.ndarray | None:
     """Return v as an array of the given shape, or None."""
     if v is None:
         return None
@@ -679,7 +681,7 @@ def _check_affine(name, v, shape, x):
     return v
 
 
-def _normalize_groups(xg, eps):
+def _normalize_groups(xg: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """x_hat and 1/std of every group: xg (N, G, M) -> x_hat (N, G, M), inv_std (N, G).
 
     Two passes in float64 for the statistics (mean, then mean squared deviation, biased);
@@ -698,7 +700,8 @@ def _normalize_groups(xg, eps):
     return x_hat, inv_std
 
 
-def _normalize_groups_backward(dx_hat, x_hat, inv_std):
+def _normalize_groups_backward(dx_hat: np.ndarray, x_hat: np.ndarray,
+                               inv_std: np.ndarray) -> np.ndarray:
     """dx from dL/dx_hat, all (N, G, M), through the statistics of each group:
 
         dx = inv_std * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
@@ -714,7 +717,7 @@ def _normalize_groups_backward(dx_hat, x_hat, inv_std):
     return inv_std[..., None] * (dx_hat - mean_d - x_hat * mean_dx)
 
 
-def _check_cache_kind(cache, kind, dy):
+def _check_cache_kind(cache: Cache, kind: str, dy: ArrayLike) -> np.ndarray:
     if cache.get("kind") != kind:
         source = f"{cache['kind']}_forward" if "kind" in cache else "another forward pass"
         raise ValueError(f"this cache comes from {source}, not from {kind}_forward")
@@ -726,7 +729,8 @@ def _check_cache_kind(cache, kind, dy):
     return dy.astype(cache["x_hat"].dtype, copy=False)
 
 
-def layer_norm_forward(x, gamma, beta, eps=1e-5):
+def layer_norm_forward(x: ArrayLike, gamma: ArrayLike | None, beta: ArrayLike | None,
+                       eps: float = 1e-5) -> tuple[np.ndarray, Cache]:
     """Layer normalization: normalize every example over all its values.
 
         mu_n = mean of x[n],   var_n = mean of (x[n] - mu_n)**2          (biased)
@@ -766,7 +770,9 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
     return y.astype(x.dtype, copy=False), cache
 
 
-def layer_norm_backward(dy, cache):
+def layer_norm_backward(
+    dy: ArrayLike, cache: Cache
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Backward pass of layer normalization.
 
         dbeta  = sum over n of dy[n]                 (shape x.shape[1:])
@@ -799,7 +805,8 @@ def layer_norm_backward(dy, cache):
     return dx.reshape(cache["shape"]).astype(cache["dtype"], copy=False), dgamma, dbeta
 
 
-def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
+def group_norm_forward(x: ArrayLike, gamma: ArrayLike | None, beta: ArrayLike | None,
+                       num_groups: int, eps: float = 1e-5) -> tuple[np.ndarray, Cache]:
     """Group normalization: split the C channels of every example into num_groups groups of
     C / num_groups consecutive channels, and normalize each group over its channels and
     positions.
@@ -852,7 +859,9 @@ def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
     return y.astype(x.dtype, copy=False), cache
 
 
-def group_norm_backward(dy, cache):
+def group_norm_backward(
+    dy: ArrayLike, cache: Cache
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Backward pass of group normalization.
 
         dbeta_c  = sum of dy[:, c]              over the examples and positions
