@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 import bn_book  # noqa: E402  (the book's extension: it builds the wheel the site carries)
 
-pytestmark = pytest.mark.slow
+# Minutes, and notebook kernels: neither in `make test-fast`.
+pytestmark = [pytest.mark.slow, pytest.mark.grading]
 
 ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir()
                      if (p / f"{p.name}.ipynb").is_file())
@@ -400,7 +401,7 @@ def needs_torch_in(venv: Path, modules: list[str]) -> bool:
 
 def reading_pages() -> list[str]:
     """The book's notebook pages, from _toc.yml."""
-    from test_book import NOTEBOOKS
+    from tests.test_book import NOTEBOOKS
 
     assert NOTEBOOKS, "the book has no notebook pages"
     return NOTEBOOKS
@@ -682,10 +683,10 @@ def lab(student, tmp_path, journal):
                 " --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate")
     if os.geteuid() == 0:
         command += " --allow-root"   # jupyter_server refuses root otherwise (CI runs as root)
-    log = (tmp_path / "lab.log").open("w")
     start = time.perf_counter()
-    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path, env=shell.env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    with (tmp_path / "lab.log").open("w") as log:
+        server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path,
+                                  env=shell.env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -705,7 +706,6 @@ def lab(student, tmp_path, journal):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
 
 
 ALL_RUN = """() => {
