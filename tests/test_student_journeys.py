@@ -50,7 +50,6 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from bngrade.submissions import model_submission
 
 from bncore import bootstrap
 from bncore.runner import is_test_cell, nbgrader_meta
@@ -90,6 +89,13 @@ def release(assignment: str):
 
 def solution(assignment: str):
     return nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", as_version=4)
+
+
+def model_answer(assignment: str):
+    """The release with every answer (code and written) taken from the solution."""
+    from bngrade.submissions import model_submission
+
+    return model_submission(release(assignment), solution(assignment))
 
 
 def count_tests(notebook) -> int:
@@ -312,7 +318,7 @@ def test_students_jupyter_has_no_nbgrader_extensions(student):
 def test_renamed_download_runs_clean_and_passes_its_self_check(assignment, student, journal,
                                                                tmp_path):
     shell, venv = student
-    answered = model_submission(release(assignment), solution(assignment))
+    answered = model_answer(assignment)
     nbformat.write(answered, tmp_path / renamed(assignment))
     executed, seconds = execute(answered, venv, shell, tmp_path)
     journal.record(f"{assignment}: answered, Run All with its self-check (s)", round(seconds, 1))
@@ -327,7 +333,7 @@ def test_renamed_download_runs_clean_and_passes_its_self_check(assignment, stude
 def test_notebook_that_is_no_file_checks_the_kernel(assignment, student, journal, tmp_path):
     """As in Colab: the notebook runs from memory, and its working folder holds no file."""
     shell, venv = student
-    answered = model_submission(release(assignment), solution(assignment))
+    answered = model_answer(assignment)
     executed, seconds = execute(answered, venv, shell, tmp_path)
     journal.record(f"{assignment}: no file, Run All with its self-check (s)", round(seconds, 1))
     assert not errors_of(executed), f"cells raised: {errors_of(executed)}"
@@ -361,7 +367,7 @@ def test_terminal_checks_pass_as_written(student, journal, tmp_path):
     a fresh shell (the download route), and from a hub's terminal, whose PATH starts with the
     environment's programs."""
     shell, venv = student
-    answered = model_submission(release(EXAMPLE), solution(EXAMPLE))
+    answered = model_answer(EXAMPLE)
     nbformat.write(answered, tmp_path / f"{EXAMPLE}.ipynb")
     n = count_tests(answered)
     hub_path = f"{venv}/bin:{shell.env['PATH']}"
@@ -538,7 +544,7 @@ def test_clone_route_as_written(tmp_path_factory, journal):
     assert done.returncode == 1 and "FAILED" in done.stdout, done.stdout + done.stderr
     assignment = EXAMPLE
     assert f"exercises/{assignment}/{assignment}.ipynb" in check
-    answered = model_submission(release(assignment), solution(assignment))
+    answered = model_answer(assignment)
     nbformat.write(answered, clone / "exercises" / assignment / f"{assignment}.ipynb")
     done, seconds = shell.run(check, cwd=clone)
     journal.record("clone route: terminal check of ch3 (s)", round(seconds, 1))
@@ -673,7 +679,7 @@ def lab(student, tmp_path, journal):
     holding an answered chapter-3 notebook under a second download's name."""
     shell, venv = student
     assignment = EXAMPLE
-    answered = model_submission(release(assignment), solution(assignment))
+    answered = model_answer(assignment)
     nbformat.write(answered, tmp_path / renamed(assignment))
     port, token = free_port(), "journeys"
     command = journey("download-lab").strip().replace(f"{assignment}.ipynb",
