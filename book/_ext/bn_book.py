@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -136,6 +139,150 @@ def executed_download_from_cache(app: Sphinx, pagename, templatename, context, d
     nbformat.write(merged, path)
 
 
+# --- for students who run the course outside a clone -------------------------------------------
+#
+# - bncore's wheel on the site. Every build makes the wheel of the bncore in this tree (offline:
+#   pip wheel --no-deps --no-build-isolation --no-index, from a copy of the sources so the tree
+#   stays clean) and publishes it at the stable address wheels/bncore-<version>-py3-none-any.whl,
+#   from where the first cell of every notebook installs it (bncore.bootstrap).
+# - Downloads that install what they need. Every reading page's .ipynb download (the file the
+#   download and Colab buttons use) starts with that set-up cell, which also installs PyTorch's
+#   CPU build when the page imports torch and torch is missing.
+# - Binder opens notebooks. JupyterLab 4 shows a MyST Markdown page as text; binder/postBuild
+#   writes an .ipynb beside every reading page, and the Binder button opens that.
+
+#: The repository's root (this file is book/_ext/bn_book.py).
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Where the wheel lies on the site, relative to its root (bncore.bootstrap installs from there).
+WHEELS = "wheels"
+#: Files beside pyproject.toml that setuptools puts into the wheel when they exist.
+PACKAGE_EXTRAS = ("README.md", "LICENSE", "LICENSE.md", "LICENSE.txt", "LICENSE-CONTENT")
+
+
+def build_wheel(root: Path, wheel_dir: Path) -> Path:
+    """Build bncore's wheel from the sources under ``root`` into ``wheel_dir``; its path.
+
+    Nothing is downloaded: pip builds with the setuptools of this environment. The build runs on
+    a copy of pyproject.toml and bncore/, since setuptools leaves build/ and *.egg-info behind.
+    Other bncore wheels in ``wheel_dir`` are removed: the folder holds the current one only.
+    """
+    with tempfile.TemporaryDirectory(prefix="bncore-wheel-") as tmp:
+        source, out = Path(tmp) / "src", Path(tmp) / "out"
+        shutil.copytree(root / "bncore", source / "bncore",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for extra in ("pyproject.toml", *PACKAGE_EXTRAS):
+            if (root / extra).is_file():
+                shutil.copy2(root / extra, source / extra)
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+               "--no-index", "--disable-pip-version-check", "--quiet", "--wheel-dir", str(out),
+               str(source)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        built = sorted(out.glob("bncore-*-py3-none-any.whl"))
+        if done.returncode != 0 or len(built) != 1:
+            raise ExtensionError(f"building bncore's wheel failed ({' '.join(cmd)}):\n"
+                                 f"{done.stdout}{done.stderr}")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        for old in wheel_dir.glob("bncore-*.whl"):
+            old.unlink()
+        return Path(shutil.copy2(built[0], wheel_dir / built[0].name))
+
+
+def published_version(html: Path) -> str:
+    """The version of the bncore wheel under ``html``/wheels/ (the only one the build puts
+    there)."""
+    wheels = sorted((html / WHEELS).glob("bncore-*-py3-none-any.whl"))
+    if len(wheels) != 1:
+        raise ExtensionError(f"expected one bncore wheel in {html / WHEELS}, found "
+                             f"{[w.name for w in wheels]}")
+    return wheels[0].name.split("-")[1]
+
+
+def publish_wheel(app: Sphinx, config: Config) -> None:
+    """Build the wheel into _build/bncore-wheel/wheels/ and serve it through html_extra_path."""
+    extra = Path(app.outdir).parent / "bncore-wheel"   # outside _build/html, as Sphinx requires
+    wheel = build_wheel(ROOT, extra / WHEELS)
+    logger.info(f"bncore's wheel: {WHEELS}/{wheel.name}")
+    if str(extra) not in config.html_extra_path:
+        config.html_extra_path.append(str(extra))
+
+
+def bncore_modules_importing_torch() -> set[str]:
+    """The bncore modules that import torch, directly or through other bncore modules."""
+    import bncore
+    from bncore.runner import imported_modules
+
+    package = Path(bncore.__file__).parent
+    imports = {f"bncore.{path.stem}": set(imported_modules([path.read_text(encoding="utf-8")]))
+               for path in package.glob("*.py")}
+    needs = {name for name, found in imports.items()
+             if any(m.split(".")[0] == "torch" for m in found)}
+    grown = True
+    while grown:
+        grown = False
+        for name, found in imports.items():
+            if name not in needs and found & needs:
+                needs.add(name)
+                grown = True
+    return needs
+
+
+def needs_torch(notebook, torch_modules: set[str]) -> bool:
+    """Whether a notebook's code imports torch, or a bncore module that does."""
+    from bncore.runner import imported_modules
+
+    code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+    return any(m.split(".")[0] == "torch" or m in torch_modules for m in imported_modules(code))
+
+
+def with_bootstrap_cell(notebook, version: str, torch_modules: set[str]):
+    """The notebook with the set-up cell that installs bncore ``version`` first (replacing one
+    already there)."""
+    import nbformat
+
+    from bncore.bootstrap import TAG, cell_source
+
+    source = cell_source(torch=needs_torch(notebook, torch_modules), bncore_version=version)
+    cells = [c for c in notebook.cells if TAG not in c.get("metadata", {}).get("tags", [])]
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": [TAG]})
+    if (notebook.nbformat, notebook.nbformat_minor) >= (4, 5):
+        cell["id"] = TAG
+    else:
+        cell.pop("id", None)
+    notebook.cells = [cell, *cells]
+    return notebook
+
+
+def bootstrap_downloads(app: Sphinx, exception) -> None:
+    """Put the set-up cell first in every notebook page's _sources/<page>.ipynb."""
+    import nbformat
+
+    if exception is not None or app.builder.format != "html":
+        return
+    version = published_version(Path(app.outdir))
+    torch_modules = bncore_modules_importing_torch()
+    for doc in sorted(app.env.found_docs):
+        if "kernelspec" not in app.env.metadata.get(doc, {}):
+            continue
+        path = Path(app.outdir) / "_sources" / f"{doc}.ipynb"
+        if not path.is_file():
+            logger.warning(f"{doc} is a notebook, but the build holds no _sources/{doc}.ipynb "
+                           "to give the set-up cell")
+            continue
+        notebook = with_bootstrap_cell(nbformat.read(path, as_version=4), version,
+                                       torch_modules)
+        nbformat.validate(notebook)
+        nbformat.write(notebook, path)
+
+
+def binder_opens_notebooks(app: Sphinx, pagename, templatename, context, doctree) -> None:
+    """Point the Binder button at the .ipynb that binder/postBuild writes beside a .md page."""
+    for group in context.get("header_buttons", []):
+        for button in group.get("buttons", []):
+            if button.get("text") == "Binder" and button.get("url", "").endswith(".md"):
+                button["url"] = button["url"][:-len(".md")] + ".ipynb"
+
+
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bn_colab_branch", "gh-pages", "html")
     # Before Sphinx checks html_extra_path (priority 800) and before myst-nb reads its config.
@@ -146,4 +293,10 @@ def setup(app: Sphinx) -> dict:
     app.connect("html-page-context", drop_thebe_scripts, priority=600)
     # Before sphinx-book-theme copies the notebook to _sources/ (priority 501).
     app.connect("html-page-context", executed_download_from_cache, priority=450)
+    # The wheel is built before Sphinx checks html_extra_path (priority 800).
+    app.connect("config-inited", publish_wheel, priority=400)
+    # After sphinx-book-theme builds its launch buttons (priority 501).
+    app.connect("html-page-context", binder_opens_notebooks, priority=600)
+    # Once every page (and its _sources/<page>.ipynb) is written.
+    app.connect("build-finished", bootstrap_downloads)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
