@@ -46,6 +46,11 @@ if installed is None or version_tuple(installed) < version_tuple(BNCORE_VERSION)
     print(f"Installing bncore {{BNCORE_VERSION}} from {{SITE}} ...", flush=True)
     wheel = f"{{SITE}}/wheels/bncore-{{BNCORE_VERSION}}-py3-none-any.whl"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", wheel], check=True)
+    import importlib
+    import site
+
+    site.addsitedir(site.getusersitepackages())  # where pip puts it if Python is read-only
+    importlib.invalidate_caches()
     if "bncore" in sys.modules:
         print("An older bncore was already imported: restart the kernel, then run again.")
 '''

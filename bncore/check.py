@@ -389,7 +389,7 @@ def check_this_kernel(assignment: str, out: TextIO | None = None) -> bool:
     return summarize(checks, [], out)
 
 
-def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) -> bool:
+def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) -> None:
     """The self-check from a notebook's last cell: ``self_check("ch3-forward-backward")``.
 
     ``notebook`` is the assignment's name (or a notebook's file name). The saved notebook is
@@ -400,7 +400,7 @@ def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) 
     """
     if os.environ.get(CHECKING_ENV) or os.environ.get("NBGRADER_EXECUTION"):
         print("(self-check skipped: this notebook is being checked or graded right now)")
-        return True
+        return
     name = None if notebook is None else str(notebook)
     path: Path | None
     if name is not None and name.endswith(".ipynb") and Path(name).is_file():
@@ -428,7 +428,6 @@ def self_check(notebook: str | os.PathLike | None = None, *, timeout: int = 60) 
         ok = check_this_kernel(assignment)
     if not ok:
         raise AssertionError("the self-check failed: see the list above")
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
