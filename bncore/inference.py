@@ -88,12 +88,12 @@ def mode_gap(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
 @torch.no_grad()
 def precise_bn(model: nn.Module, X: torch.Tensor, batch_size: int | None = None,
                seed: int = 0) -> nn.Module:
-    """Recompute every BN layer's running statistics with the weights frozen ("precise BN").
+    """Recompute every BN layer's running statistics, weights frozen ("precise BN").
 
-    The running statistics are reset and re-estimated in one pass over X in training mode with
-    ``momentum=None`` (torch's cumulative average: every batch gets the same weight). With
-    ``batch_size=None`` the whole of X is one batch. The momentum and the mode are restored;
-    the model is changed in place and returned.
+    The running statistics are reset and re-estimated in one pass over X in training
+    mode with ``momentum=None`` (torch's cumulative average: every batch gets the same
+    weight). With ``batch_size=None`` the whole of X is one batch. The momentum and the
+    mode are restored; the model is changed in place and returned.
     """
     layers = batch_norm_layers(model)
     momenta = [bn.momentum for bn in layers]
@@ -137,16 +137,17 @@ class KerasMomentumBatchNorm1d(nn.BatchNorm1d):
 
 @torch.no_grad()
 def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows it
-    folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel) and
-    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
+    """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows
+    it folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel)
+    and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     folded = copy.deepcopy(layer)
     bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
     shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    folded.weight.copy_(layer.weight * scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+    per_channel = scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+    folded.weight.copy_(layer.weight * per_channel)
     folded.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
     return folded
 
