@@ -315,6 +315,16 @@ def test_code_lines_fit_the_column(doc):
     assert not long, f"{doc}: code lines over {CODE_WIDTH} characters: {long[:3]}"
 
 
+@pytest.mark.parametrize("doc", NOTEBOOKS)
+def test_figure_text_is_at_least_9_points(doc):
+    """Figures are drawn at the column's width (checked in the browser), so text set in 9
+    points or more stays legible; bncore.plotting.setup() sets 11."""
+    small = [m.group(0) for _, cell in code_cells(doc) for m in re.finditer(
+        r"fontsize\s*=\s*(?:([0-9.]+)|[\"'](x-small|xx-small)[\"'])", cell)
+        if m.group(2) or float(m.group(1)) < 9]
+    assert not small, f"{doc}: figure text below 9 points: {small}"
+
+
 def test_a_page_runs_top_to_bottom_without_myst_nb(tmp_path):
     """One page, converted to a notebook and executed in a kernel where myst_nb cannot be
     imported: every cell runs, and the values it glues stay out of sight."""
