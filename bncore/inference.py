@@ -115,12 +115,12 @@ def mode_gap(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int
 @torch.no_grad()
 def precise_bn(model: nn.Module, X: torch.Tensor, batch_size: int | None = None,
                seed: int = 0) -> nn.Module:
-    """Recompute every BN layer's running statistics with the weights frozen ("precise BN").
+    """Recompute every BN layer's running statistics, weights frozen ("precise BN").
 
-    The running statistics are reset and re-estimated in one pass over X in training mode with
-    ``momentum=None`` (torch's cumulative average: every batch gets the same weight). With
-    ``batch_size=None`` the whole of X is one batch. The momentum and the mode are restored;
-    the model is changed in place and returned.
+    The running statistics are reset and re-estimated in one pass over X in training
+    mode with ``momentum=None`` (torch's cumulative average: every batch gets the same
+    weight). With ``batch_size=None`` the whole of X is one batch. The momentum and the
+    mode are restored; the model is changed in place and returned.
     """
     layers = batch_norm_layers(model)
     momenta = [bn.momentum for bn in layers]

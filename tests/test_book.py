@@ -149,9 +149,18 @@ def build_book(out: Path, log: Path) -> float:
     return seconds
 
 
+def code_cells(doc: str) -> list[str]:
+    """The source of every `{code-cell}` of a MyST Markdown page, in order."""
+    text = source_of(doc).read_text(encoding="utf-8")
+    return re.findall(r"^(`{3,})\{code-cell\}[^\n]*\n(.*?)^\1\s*$", text, re.M | re.S)
+
+
 PAGES = toc_pages()
 CHAPTERS = toc_chapters()
 NOTEBOOKS = [doc for doc in PAGES if is_notebook(doc)]
+CODE_WIDTH = 88           # characters: what fits the article's column at 1280 px
+# A page whose code the test below runs without myst-nb: a short one (a few seconds).
+STANDALONE_PAGE = "book/ch5-placement/conv"
 
 
 # ---------------------------------------------------------------- the tests
@@ -311,6 +320,55 @@ def test_logo_favicon_and_canonical_urls(built_book):
         canonical = doc_soup.find("link", rel="canonical")
         assert canonical and canonical["href"] == f"{baseurl}{doc}.html", (
             f"{doc}.html: canonical URL {canonical and canonical['href']}")
+
+
+# ---------------------------------------------------------------- pages outside the book
+
+@pytest.mark.parametrize("doc", NOTEBOOKS)
+def test_page_code_does_not_import_myst_nb(doc):
+    """A page runs where myst-nb is not installed (a downloaded notebook, Colab): it glues
+    values with bncore.pages.glue, which calls myst-nb only when it is there."""
+    found = [line.strip() for _, cell in code_cells(doc) for line in cell.splitlines()
+             if re.search(r"\b(import|from)\s+myst_nb\b", line)]
+    assert not found, f"{doc} imports myst_nb: {found} (use `from bncore.pages import glue`)"
+
+
+@pytest.mark.parametrize("doc", NOTEBOOKS)
+def test_code_lines_fit_the_column(doc):
+    long = [(len(line), line) for _, cell in code_cells(doc) for line in cell.splitlines()
+            if len(line) > CODE_WIDTH]
+    assert not long, f"{doc}: code lines over {CODE_WIDTH} characters: {long[:3]}"
+
+
+@pytest.mark.parametrize("doc", NOTEBOOKS)
+def test_figure_text_is_at_least_9_points(doc):
+    """Figures are drawn at the column's width (checked in the browser), so text set in 9
+    points or more stays legible; bncore.plotting.setup() sets 11."""
+    small = [m.group(0) for _, cell in code_cells(doc) for m in re.finditer(
+        r"fontsize\s*=\s*(?:([0-9.]+)|[\"'](x-small|xx-small)[\"'])", cell)
+        if m.group(2) or float(m.group(1)) < 9]
+    assert not small, f"{doc}: figure text below 9 points: {small}"
+
+
+def test_a_page_runs_top_to_bottom_without_myst_nb(tmp_path):
+    """One page, converted to a notebook and executed in a kernel where myst_nb cannot be
+    imported: every cell runs, and the values it glues stay out of sight."""
+    import jupytext
+    import nbformat
+    from nbclient import NotebookClient
+
+    doc = STANDALONE_PAGE if STANDALONE_PAGE in NOTEBOOKS else NOTEBOOKS[-1]
+    notebook = jupytext.read(source_of(doc))
+    block = nbformat.v4.new_code_cell(
+        'import sys\nsys.modules["myst_nb"] = None  # import myst_nb now fails')
+    notebook.cells.insert(0, block)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o for o in outputs if "scrapbook" in o.get("metadata", {})], (
+        "glued values were stored by myst-nb, which should not have been importable")
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was drawn"
 
 
 # ---------------------------------------------------------------- the execution cache

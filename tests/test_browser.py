@@ -179,7 +179,9 @@ INSPECT = """async () => {
   const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
   for (let node = walker.nextNode(); node; node = walker.nextNode()) {
     if (node.parentElement.closest(skip)) continue;
-    const m = node.textContent.match(/\\$\\$|\\\\\\[|\\\\\\]|\\\\\\(|\\\\\\)|\\\\begin\\{/);
+    // display or inline delimiters, or a TeX command such as \\operatorname{ left in the text
+    const m = node.textContent.match(
+      /\\$\\$|\\\\\\[|\\\\\\]|\\\\\\(|\\\\\\)|\\\\begin\\{|\\\\[a-zA-Z]+\\{|\\$\\\\[a-zA-Z]/);
     if (m) raw.push(node.textContent.trim().slice(0, 80));
   }
   const maths = [...document.querySelectorAll('.math')];
@@ -208,6 +210,82 @@ INSPECT = """async () => {
 }"""
 
 
+# Runs in the page after INSPECT, at 1280 px: what a reader can and cannot read. It first opens
+# everything a reader can open (solution dropdowns, hidden code), so that their content is
+# measured too.
+READABLE = """async () => {
+  document.querySelectorAll('details').forEach(d => { d.open = true; });
+  document.querySelectorAll('.toggle-hidden').forEach(e => e.classList.remove('toggle-hidden'));
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const article = document.querySelector('article.bd-article') || document.querySelector('main');
+  const column = article.getBoundingClientRect();
+  const snippet = el => el.textContent.trim().replace(/\\s+/g, ' ').slice(0, 70);
+  const skip = 'pre, code, script, style, textarea, mjx-container';
+  const pipes = [], reprs = [];
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const text = node.textContent;
+    if (/at 0x[0-9a-fA-F]{4,}/.test(text)) reprs.push(text.trim().slice(0, 80));
+    if (node.parentElement.closest(skip)) continue;
+    // a separator row (typography may have turned --- into a dash), or a row of cells
+    const separator = /\\|\\s*:?[-\u2013\u2014]+:?\\s*\\|/, row = /^\\s*\\|([^|\\n]*\\|){2,}\\s*$/m;
+    if (separator.test(text) || row.test(text)) pipes.push(text.trim().slice(0, 80));
+  }
+  const clipped = [];
+  for (const box of article.querySelectorAll('mjx-container[display="true"]')) {
+    const math = box.querySelector('mjx-math');
+    if (!math) continue;
+    const outer = box.getBoundingClientRect(), inner = math.getBoundingClientRect();
+    const hidden = inner.left < outer.left - 1 || inner.right > outer.right + 1;
+    const outside = inner.left < column.left - 1 || inner.right > column.right + 1;
+    if (hidden || outside || box.scrollWidth > box.clientWidth + 1) {
+      const label = (box.closest('.math') || box).id || snippet(box.closest('p, div') || box);
+      clipped.push(`${label}: ${Math.round(inner.width)} px of formula in a ` +
+                   `${Math.round(outer.width)} px box`);
+    }
+  }
+  const scrolling = [];
+  const boxes = article.querySelectorAll(
+    'pre, div.cell_output .output, .pst-scrollable-table-container, table');
+  for (const el of boxes) {
+    if (el.clientWidth === 0) continue;
+    const over = el.scrollWidth - el.clientWidth;
+    const right = el.getBoundingClientRect().right - column.right;
+    if (over > 1 || right > 1) {
+      const kind = el.closest('.cell_output') ? 'output'
+                 : el.closest('.cell_input') ? 'code' : el.tagName.toLowerCase();
+      scrolling.push(`${kind} scrolls by ${Math.max(over, Math.round(right))} px: ` +
+                     snippet(el));
+    }
+  }
+  const figures = await Promise.all([...article.querySelectorAll('img')].map(async img => {
+    try { await img.decode(); } catch (e) {}
+    const shown = img.getBoundingClientRect().width;
+    return {src: img.currentSrc || img.src, natural: img.naturalWidth, shown};
+  }));
+  const shrunk = figures.filter(f => f.shown > 0 && f.natural / f.shown >= 1.3).map(
+    f => `${f.src.split('/').pop()}: ${f.natural} px drawn, shown at ${Math.round(f.shown)} px`
+         + ` (${(f.natural / f.shown).toFixed(2)}x smaller)`);
+  const weight = el => parseInt(getComputedStyle(el).fontWeight, 10);
+  const bold_glue = [...article.querySelectorAll('span.pasted-text')].filter(
+    el => weight(el) > weight(el.parentElement)).map(el => el.textContent.trim());
+  const number = el => {
+    const span = el.querySelector('span.section-number');
+    return span ? span.textContent.trim().replace(/\\.$/, '') : '';
+  };
+  const headings = [...article.querySelectorAll('h1, h2, h3')].map(h => ({
+    level: +h.tagName[1], number: number(h),
+    text: h.textContent.replace('#', '').trim().slice(0, 60)}));
+  const sidebar = {};
+  for (const a of document.querySelectorAll('nav.bd-docs-nav a.reference')) {
+    const match = a.textContent.trim().match(/^(\\d+(?:\\.\\d+)*)\\.\\s/);
+    sidebar[a.href.split('#')[0]] = match ? match[1] : '';
+  }
+  return {pipes, reprs, clipped, scrolling, shrunk, bold_glue, headings, sidebar,
+          output_tables: article.querySelectorAll('div.cell_output table').length};
+}"""
+
+
 @pytest.fixture(scope="module")
 def visits(browser, site):
     """Every toc page once, with what it showed and did: from the title page, the sweep clicks
@@ -222,6 +300,7 @@ def visits(browser, site):
         settle(page)
         out[doc] = page.evaluate(INSPECT)
         out[doc]["problems"] = watch.since(mark)
+        out[doc]["readable"] = page.evaluate(READABLE)
         order.append(doc)
         following = page.locator("a.right-next")
         if following.count() == 0 or len(order) > len(PAGES):
@@ -238,6 +317,7 @@ def visits(browser, site):
             settle(page)
             out[doc] = page.evaluate(INSPECT)
             out[doc]["problems"] = watch.since(mark)
+            out[doc]["readable"] = page.evaluate(READABLE)
     context.close()
     out["_next"] = order
     out["_seconds"] = time.perf_counter() - start
@@ -460,6 +540,145 @@ def test_search_finds_a_chapter_3_term(browser, site, visits):
     hits = {doc_of(urldefrag(h)[0], site) for h in results}
     assert hits & set(chapter3), f"searching {SEARCH_TERM!r} found {sorted(hits)}, no ch. 3 page"
     assert not watch.since((0, 0, 0, 0)), watch.since((0, 0, 0, 0))
+
+
+# ---------------------------------------------------------------- readability, at 1280 px
+
+def readable(visits) -> dict:
+    return {doc: info["readable"] for doc, info in pages_of(visits).items()}
+
+
+def report(found: dict) -> str:
+    return "\n".join(f"{doc}: {item}" for doc, items in found.items() for item in items)
+
+
+def test_no_raw_pipe_tables(visits):
+    """A Markdown table must reach the reader as a table, not as a paragraph of | text."""
+    found = {doc: r["pipes"] for doc, r in readable(visits).items() if r["pipes"]}
+    assert not found, "raw pipe-table text on the page:\n" + report(found)
+
+
+def test_no_object_reprs(visits):
+    """No '<... at 0x7f...>': an object's address is noise, and changes with every build."""
+    found = {doc: r["reprs"] for doc, r in readable(visits).items() if r["reprs"]}
+    assert not found, "object reprs printed on the page:\n" + report(found)
+
+
+def test_display_equations_fit_the_column(visits):
+    """Every displayed formula is visible whole, within the article's column."""
+    found = {doc: r["clipped"] for doc, r in readable(visits).items() if r["clipped"]}
+    assert not found, "display equations clipped or wider than the column:\n" + report(found)
+
+
+def test_code_and_outputs_do_not_scroll_sideways(visits):
+    """Code lines (at most 88 characters) and printed outputs fit the column."""
+    found = {doc: r["scrolling"] for doc, r in readable(visits).items() if r["scrolling"]}
+    assert not found, "blocks that scroll sideways at 1280 px:\n" + report(found)
+
+
+def test_figures_are_drawn_at_the_column_width(visits):
+    """A figure shown at less than 1/1.3 of its drawn width has its labels shrunk with it."""
+    found = {doc: r["shrunk"] for doc, r in readable(visits).items() if r["shrunk"]}
+    assert not found, "figures shrunk by 1.3x or more:\n" + report(found)
+
+
+def table_calls(doc: str) -> int:
+    """How many tables the page's code cells show (show_table, or a Markdown display)."""
+    text = source_of(doc).read_text(encoding="utf-8")
+    cells = re.findall(r"^```\{code-cell\}[^\n]*\n(.*?)^```", text, re.M | re.S)
+    return sum(len(re.findall(r"\bshow_table\(|\bMarkdown\(", cell)) for cell in cells)
+
+
+def test_result_tables_are_tables(visits):
+    """Every table a code cell shows is an HTML <table>, chapter 5's result tables included."""
+    pages = readable(visits)
+    missing = {doc: f"shows {table_calls(doc)} tables, the page has {r['output_tables']}"
+               for doc, r in pages.items() if r["output_tables"] < table_calls(doc)}
+    assert not missing, "\n".join(f"{doc}: {m}" for doc, m in missing.items())
+    chapter5 = [name for name in CHAPTERS if name.startswith("ch5-")]
+    for name in chapter5:
+        assert sum(table_calls(d) for d in CHAPTERS[name]) >= 1, f"{name} shows no table"
+        assert sum(pages[d]["output_tables"] for d in CHAPTERS[name]) >= 1, (
+            f"{name}'s result tables are not <table>s")
+
+
+def test_glued_numbers_read_as_text(visits):
+    """Numbers computed at build time are set like the prose around them, not in bold."""
+    found = {doc: r["bold_glue"][:5] for doc, r in readable(visits).items() if r["bold_glue"]}
+    assert not found, "glued values set in bold:\n" + report(found)
+
+
+def test_sections_number_in_reading_order(visits, site):
+    """A chapter's sections are numbered N.1, N.2, ... in reading order across its pages; a
+    chapter's further pages are pages of the chapter, not numbered like sections of its index
+    page; the sidebar shows each page with the number of its heading."""
+    pages = readable(visits)
+    problems = []
+    for name, docs in CHAPTERS.items():
+        index = f"book/{name}/index"
+        chapter = pages[index]["headings"][0]["number"]
+        if not re.fullmatch(r"\d+", chapter):
+            problems.append(f"{index}: the chapter's title is numbered {chapter!r}")
+            continue
+        section = subsection = 0
+        for doc in [index] + [d for d in docs if d != index]:
+            title, *rest = pages[doc]["headings"]
+            if doc != index and title["number"]:
+                problems.append(f"{doc}: the page is numbered {title['number']} like a section "
+                                f"of {index}")
+            for h in rest:
+                if h["level"] == 2:
+                    section, subsection = section + 1, 0
+                    expected = f"{chapter}.{section}"
+                else:
+                    subsection += 1
+                    expected = f"{chapter}.{section}.{subsection}"
+                if h["number"] != expected:
+                    problems.append(f"{doc}: {h['text']!r} is numbered {h['number']!r}, "
+                                    f"in reading order it is {expected}")
+                    break
+    for doc, r in pages.items():
+        listed = r["sidebar"].get(f"{site}{doc}.html")
+        if listed is not None and listed != r["headings"][0]["number"]:
+            problems.append(f"{doc}: the sidebar numbers it {listed!r}, its heading "
+                            f"{r['headings'][0]['number']!r}")
+    assert not problems, "\n".join(problems)
+
+
+# At 390 px a formula may be wider than the screen: it must then scroll inside its box, with
+# every part of it reachable, rather than be cut off.
+PHONE_EQUATIONS = """() => [...document.querySelectorAll('mjx-container[display="true"]')]
+  .map(box => {
+    const math = box.querySelector('mjx-math');
+    const outer = box.getBoundingClientRect(), inner = math.getBoundingClientRect();
+    const style = getComputedStyle(box);
+    const scrolls = ['auto', 'scroll'].includes(style.overflowX);
+    const fits = inner.left >= outer.left - 1 && inner.right <= outer.right + 1;
+    const reachable = scrolls && inner.left >= outer.left - 1
+                      && box.scrollWidth >= Math.floor(inner.right - outer.left);
+    return {id: (box.closest('.math') || box).id, fits, reachable,
+            width: Math.round(inner.width), box: Math.round(outer.width)};
+  }).filter(e => !e.fits && !e.reachable)"""
+
+
+def test_pages_on_a_phone(browser, site):
+    """At 390 px no page scrolls sideways as a whole, and every part of every formula can be
+    reached (a wide one scrolls inside its own box)."""
+    context, page, watch = open_page(browser, site, PHONE)
+    found = {}
+    for doc in PAGES:
+        page.goto(f"{site}{doc}.html")
+        settle(page)
+        problems = [f"{e['id'] or 'equation'}: {e['width']} px in a {e['box']} px box, "
+                    "partly out of reach" for e in page.evaluate(PHONE_EQUATIONS)]
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - window.innerWidth")
+        if overflow > 1:
+            problems.append(f"the page scrolls sideways by {overflow} px")
+        if problems:
+            found[doc] = problems
+    context.close()
+    assert not found, "at 390 px:\n" + report(found)
 
 
 def test_screenshots(browser, site, visits, artifacts):

@@ -1,6 +1,6 @@
 """The book's local Sphinx extension (loaded by _config.yml, ``sphinx: local_extensions``).
 
-It does four small things that a static _config.yml cannot:
+It does six small things that a static _config.yml cannot:
 
 1. **MathJax offline.** The pip package ``django-static-mathjax`` carries MathJax 3.2.2. Its
    location depends on the virtual environment, so at every build the files the page needs
@@ -17,6 +17,14 @@ It does four small things that a static _config.yml cannot:
    the site is published from (``bn_colab_branch``, ``gh-pages`` by default).
 4. **No CDN scripts.** Live code (thebe) is off, but sphinx-thebe still adds a script that names
    thebe's CDN URL on every page; it is left out.
+5. **A chapter numbers its sections across its pages.** Sphinx numbers a chapter's further
+   pages (its ``sections`` in _toc.yml) like sections of the index page, after the index's own
+   sections: 2.1 ... 2.6 on the index, then "2.7 The critique" with its sections 2.7.1, 2.7.2.
+   Here a chapter's sections are numbered 2.1, 2.2, ... in reading order across all its pages;
+   a further page's title carries no number (it is a page of the chapter, not a section), and
+   the sidebar, the headings and the page's table of contents show the same numbers.
+6. **The book's stylesheet** (``book/_static/bn-book.css``): code and outputs that fit 88
+   characters in the article's column, and glued numbers set like the prose around them.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.config import Config
+from sphinx.environment import BuildEnvironment
 from sphinx.errors import ExtensionError
 from sphinx.util import logging
 
@@ -281,6 +291,47 @@ def binder_opens_notebooks(app: Sphinx, pagename, templatename, context, doctree
         for button in group.get("buttons", []):
             if button.get("text") == "Binder" and button.get("url", "").endswith(".md"):
                 button["url"] = button["url"][:-len(".md")] + ".ipynb"
+def number_sections_across_pages(app: Sphinx, env: BuildEnvironment) -> list[str]:
+    """Renumber a chapter's further pages: their sections continue the chapter's count.
+
+    Runs after Sphinx has numbered the sections (env-get-updated). A chapter is a page whose
+    title has a one-part number (N,); the pages its toctree includes were numbered (N, t) with
+    sections (N, t, a, ...). Their titles lose the number, and their sections become
+    (N, k + a, ...), where k is the number of the chapter's last section so far.
+    """
+    renumbered = []
+    for index, numbers in env.toc_secnumbers.items():
+        chapter = numbers.get("")
+        if not chapter or len(chapter) != 1:
+            continue
+        last = max((n[1] for n in numbers.values() if n and len(n) >= 2), default=0)
+        for page in env.toctree_includes.get(index, []):
+            old = env.toc_secnumbers.get(page, {})
+            title = old.get("")
+            if not title or len(title) != 2 or title[0] != chapter[0]:
+                continue
+            new = {"": None}
+            for anchor, n in old.items():
+                if anchor and n and len(n) >= 3:
+                    new[anchor] = (chapter[0], last + n[2], *n[3:])
+            last = max((n[1] for n in new.values() if n), default=last)
+            env.toc_secnumbers[page] = new
+            for reference in env.tocs[page].findall(nodes.reference):
+                if "secnumber" in reference:
+                    number = new.get(reference["anchorname"])
+                    reference["secnumber"] = list(number) if number else None
+            if page in env.titles:
+                env.titles[page]["secnumber"] = None
+            renumbered.append(page)
+    return renumbered
+
+
+def add_stylesheet(app: Sphinx, config: Config) -> None:
+    """Serve book/_static/bn-book.css and load it on every page."""
+    static = str(Path(__file__).resolve().parents[1] / "_static")
+    if static not in config.html_static_path:
+        config.html_static_path.append(static)
+    app.add_css_file("bn-book.css")
 
 
 def setup(app: Sphinx) -> dict:
@@ -288,6 +339,9 @@ def setup(app: Sphinx) -> dict:
     # Before Sphinx checks html_extra_path (priority 800) and before myst-nb reads its config.
     app.connect("config-inited", stage_mathjax, priority=400)
     app.connect("config-inited", execution_mode, priority=400)
+    app.connect("config-inited", add_stylesheet, priority=400)
+    # After Sphinx's own numbering (the toctree collector, priority 500).
+    app.connect("env-get-updated", number_sections_across_pages, priority=900)
     # After sphinx-book-theme builds its launch buttons (priority 501).
     app.connect("html-page-context", colab_from_published_notebook, priority=600)
     app.connect("html-page-context", drop_thebe_scripts, priority=600)
