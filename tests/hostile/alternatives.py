@@ -225,10 +225,96 @@ CH5 = {
     '''),
 }
 
+CH6 = {
+    "ln_forward": code('''
+        def layernorm_forward(x, gamma, beta, eps=1e-5):
+            """Example by example in a loop, float64 inside, a dict for the cache."""
+            x64 = np.asarray(x, dtype=np.float64)
+            out = np.empty_like(x64)
+            xhat = np.empty_like(x64)
+            std = np.empty(len(x64))
+            for n, row in enumerate(x64):
+                std[n] = np.sqrt(np.var(row) + eps)
+                xhat[n] = (row - np.mean(row)) / std[n]
+                out[n] = gamma * xhat[n] + beta
+            return out.astype(x.dtype), {"xhat": xhat, "std": std, "gamma": gamma}
+    '''),
+    "ln_backward": code('''
+        def layernorm_backward(dout, cache):
+            """Staged through the graph (variance, then mean), with einsum for the sums."""
+            xhat, std, gamma = cache["xhat"], cache["std"][:, None], cache["gamma"]
+            dy = dout.astype(np.float64)
+            d = dy.shape[1]
+            dbeta = np.einsum("nd->d", dy)
+            dgamma = np.einsum("nd,nd->d", dy, xhat)
+            dxhat = dy * gamma
+            xc = xhat * std
+            dvar = -0.5 * np.einsum("nd,nd->n", dxhat, xc)[:, None] / std**3
+            dmu = -np.einsum("nd->n", dxhat)[:, None] / std
+            dx = dxhat / std + dvar * 2 * xc / d + dmu / d
+            return dx.astype(dout.dtype), dgamma.astype(dout.dtype), dbeta.astype(dout.dtype)
+    '''),
+    "gn_forward": code('''
+        def groupnorm_forward(x, gamma, beta, G, eps=1e-5):
+            """A loop over the groups, slicing consecutive channels; float64 inside."""
+            n, c = x.shape[:2]
+            k = c // G
+            x64 = x.astype(np.float64)
+            xhat = np.empty_like(x64)
+            std = np.empty((n, G))
+            for g in range(G):
+                block = x64[:, g * k:(g + 1) * k]
+                mean = block.mean(axis=(1, 2, 3), keepdims=True)
+                var = block.var(axis=(1, 2, 3), keepdims=True)
+                std[:, g] = np.sqrt(var[:, 0, 0, 0] + eps)
+                xhat[:, g * k:(g + 1) * k] = (block - mean) / np.sqrt(var + eps)
+            out = gamma[:, None, None] * xhat + beta[:, None, None]
+            return out.astype(x.dtype), {"xhat": xhat, "std": std, "gamma": gamma, "G": G}
+    '''),
+    "gn_backward": code('''
+        def groupnorm_backward(dout, cache):
+            """Through a table with one column per (example, group), as batch norm's backward."""
+            xhat, std, gamma, G = cache["xhat"], cache["std"], cache["gamma"], cache["G"]
+            n = dout.shape[0]
+            dy = dout.astype(np.float64)
+            dbeta = dy.sum(axis=(0, 2, 3))
+            dgamma = np.einsum("nchw,nchw->c", dy, xhat)
+            table = (dy * gamma[:, None, None]).reshape(n * G, -1).T  # (M, N * G)
+            xh = xhat.reshape(n * G, -1).T
+            m = table.shape[0]
+            dtable = (m * table - table.sum(axis=0) - xh * (table * xh).sum(axis=0)) / (
+                m * std.reshape(-1))
+            dx = dtable.T.reshape(dout.shape)
+            return dx.astype(dout.dtype), dgamma.astype(dout.dtype), dbeta.astype(dout.dtype)
+    '''),
+    "run_sweep": code('''
+        import itertools
+
+
+        def run_sweep(train_fn, norms, batch_sizes, seeds):
+            norms, batch_sizes, seeds = list(norms), list(batch_sizes), list(seeds)
+            values = [train_fn(*combination)
+                      for combination in itertools.product(norms, batch_sizes, seeds)]
+            return np.array(values, dtype=float).reshape(len(norms), len(batch_sizes),
+                                                         len(seeds))
+    '''),
+    "paired_gap": code('''
+        def paired_gap(results, i, j):
+            means, stds = [], []
+            for first, second in zip(results[i], results[j]):
+                diff = [a - b for a, b in zip(first, second)]
+                mean = sum(diff) / len(diff)
+                means.append(mean)
+                stds.append((sum((d - mean) ** 2 for d in diff) / (len(diff) - 1)) ** 0.5)
+            return {"mean": np.array(means), "std": np.array(stds)}
+    '''),
+}
+
 ALTERNATIVES = {
     "ch1-input-normalization": {"alt_standardizer": CH1},
     "ch2-covariate-shift": {"alt_quantiles": CH2},
     "ch3-forward-backward": {"alt_float64": CH3},
     "ch4-running-statistics": {"alt_layer": CH4},
     "ch5-placement": {"alt_table": CH5},
+    "ch6-beyond-the-batch": {"alt_loops": CH6},
 }
