@@ -85,6 +85,9 @@ c.SandboxedKernelManager.memory_limit = 2 * 2**30
 c.SandboxedKernelManager.cpu_limit = 600
 c.SandboxedKernelManager.process_limit = 64
 c.SandboxedKernelManager.file_size_limit = 64 * 2**20
+# With bubblewrap, kernels are forked from a warm parent that has imported the kernel's
+# libraries once (bngrade/zygote.py); these heavy ones too (chapter 2's notebook uses SciPy).
+c.SandboxedKernelManager.preload = ["scipy.stats"]
 # What one cell may print into the autograded notebook (bytes); the rest is dropped.
 c.GradingExecute.max_output_bytes = 2**20
 # Log what looks wrong in each submission (wrong file name, suspicious code) before grading it.

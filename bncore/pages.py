@@ -15,10 +15,11 @@ instead of myst-nb's:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
-def _myst_nb_glue():
+def _myst_nb_glue() -> Callable[..., Any] | None:
     """myst_nb.glue, or None where myst-nb cannot be imported."""
     try:
         return importlib.import_module("myst_nb").glue
@@ -26,7 +27,7 @@ def _myst_nb_glue():
         return None
 
 
-def _display(obj) -> None:
+def _display(obj: Any) -> None:
     try:
         from IPython.display import display
     except ImportError:   # plain Python, no IPython: print the value instead
@@ -35,7 +36,7 @@ def _display(obj) -> None:
     display(obj)
 
 
-def glue(name: str, value, display: bool = True) -> None:
+def glue(name: str, value: Any, display: bool = True) -> None:
     """Store ``value`` under ``name`` for ``{glue:text}`name`` in the book's prose.
 
     In the book this is ``myst_nb.glue(name, value, display)``. Outside it (no myst-nb), the
@@ -51,7 +52,7 @@ def glue(name: str, value, display: bool = True) -> None:
         _display(value)
 
 
-def _cell(value) -> str:
+def _cell(value: Any) -> str:
     text = str(value)
     if "\n" in text:
         raise ValueError(f"a table cell cannot span lines: {text!r}")

@@ -47,6 +47,7 @@ class GradingExecute(RunsTestsOutsideKernel, Execute):
             if coursedir.db_url.startswith("sqlite:///"):
                 hidden.append(coursedir.db_url[len("sqlite:///"):])
             km.hidden_paths = [*km.hidden_paths, *hidden]
+            km.course_root = km.course_root or str(coursedir.root)
             notebook = self.resources.get("nbgrader", {}).get("notebook")
             if notebook:
                 km.hidden_files = [*km.hidden_files, f"{notebook}.ipynb"]
