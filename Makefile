@@ -28,7 +28,7 @@ test: $(STAMP)
 	bash scripts/system-deps.sh
 	$(BIN)/python -m pytest -q
 
-# The tests marked neither slow nor grading (tests/conftest.py marks the grading files).
+# The tests marked neither slow nor grading (each grading test file sets pytestmark).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not grading"
 
