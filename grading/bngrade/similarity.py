@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import sys
 from dataclasses import dataclass
 from itertools import combinations
@@ -90,6 +91,18 @@ def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b) if a and b else 0.0
 
 
+def similar(a: frozenset, b: frozenset, threshold: float) -> float | None:
+    """``jaccard(a, b)`` when it reaches ``threshold``, else None. Sets whose sizes differ
+    too much are skipped without intersecting them: the index is at most small / large."""
+    small, large = sorted((len(a), len(b)))
+    if not small or small < threshold * large:
+        return None
+    common = len(a & b)
+    score = common / (small + large - common)
+    return score if score >= threshold else None
+
+
+@functools.lru_cache(maxsize=1)
 def reference_sources() -> dict[str, str]:
     """Every top-level function and class of bncore's modules, by dotted name."""
     import bncore
@@ -101,12 +114,18 @@ def reference_sources() -> dict[str, str]:
             tree = ast.parse(text)
         except SyntaxError:
             continue
+        lines = text.splitlines(keepends=True)
         for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                segment = ast.get_source_segment(text, node)
-                if segment:
-                    found[f"bncore.{path.stem}.{node.name}"] = segment
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.end_lineno:
+                found[f"bncore.{path.stem}.{node.name}"] = "".join(
+                    lines[node.lineno - 1:node.end_lineno])
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_shingles() -> dict[str, frozenset]:
+    return {name: shingles(normalized_tokens(source))
+            for name, source in reference_sources().items()}
 
 
 def answers_of(notebook_path: Path) -> dict[str, str]:
@@ -122,8 +141,7 @@ def compare(assignment: str, submissions: dict[str, Path], *, release: Path | No
             min_tokens: int = 40) -> list[Match]:
     """The pairs of similar answers of ``assignment``. ``submissions``: {student: notebook}."""
     stubs = answers_of(release) if release and release.is_file() else {}
-    references = {name: shingles(normalized_tokens(source))
-                  for name, source in reference_sources().items()}
+    references = dict(_reference_shingles())
     if solution and solution.is_file():
         for cell, source in answers_of(solution).items():
             references[f"the model solution of {cell}"] = shingles(normalized_tokens(source))
@@ -142,12 +160,12 @@ def compare(assignment: str, submissions: dict[str, Path], *, release: Path | No
     for cell, answers in by_cell.items():
         for student, mine in answers.items():
             for name, theirs in references.items():
-                score = jaccard(mine, theirs)
-                if score >= threshold:
+                score = similar(mine, theirs, threshold)
+                if score is not None:
                     found.append(Match(assignment, cell, student, name, round(score, 3)))
         for (a, mine), (b, theirs) in combinations(sorted(answers.items()), 2):
-            score = jaccard(mine, theirs)
-            if score >= threshold:
+            score = similar(mine, theirs, threshold)
+            if score is not None:
                 found.append(Match(assignment, cell, a, b, round(score, 3)))
     return sorted(found, key=lambda m: (-m.similarity, m.cell, m.student, m.other))
 
