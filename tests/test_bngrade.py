@@ -220,3 +220,18 @@ def test_every_notebook_names_its_assignment_in_its_metadata():
             path = ROOT / folder / assignment / f"{assignment}.ipynb"
             meta = json.loads(path.read_text())["metadata"]
             assert meta["bncore"]["assignment"] == assignment, path
+
+
+def test_the_size_bound_skips_only_pairs_below_the_threshold():
+    """``similar`` leaves out a pair without intersecting it only when the sizes alone rule
+    the threshold out; every pair it keeps has the Jaccard index ``jaccard`` gives."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = frozenset(rng.sample(range(60), rng.randint(0, 40)))
+        b = frozenset(rng.sample(range(60), rng.randint(0, 40)))
+        threshold = rng.choice([0.3, 0.5, 0.8])
+        kept = similarity.similar(a, b, threshold)
+        exact = similarity.jaccard(a, b)
+        assert kept == (exact if exact >= threshold else None), (len(a), len(b), threshold)
