@@ -11,12 +11,13 @@ each submission one of three kinds, in turn, as bngrade.submissions builds them:
 (the release as is). Then, measured in this one run:
 
 - ``nbgrader autograde``: the plain command, one assignment after another, on the first
-  ``--baseline`` students (default 4, so 20 notebooks); its time per notebook is extrapolated
+  ``--baseline`` students (default 4, so 4 per assignment); its time per notebook is extrapolated
   to the class (its start-up, measured separately, is paid once per assignment);
 - ``bngrade.autograde -j 1``: the runner with one worker on the same students (what a long-lived
   worker saves, without parallelism);
-- ``bngrade.autograde -j N``: the runner on the whole class (``--jobs``, default 2: the target is
-  stated for two cores).
+- ``bngrade.autograde -j N``: the runner on the whole class as an instructor runs it, the canary
+  before and the similarity report after included (``--jobs``, default 2: the target is stated
+  for two cores).
 
 Both graders must give the same grades to the students they both graded (checked). Printed:
 seconds per notebook (wall clock), the speed-up over plain nbgrader, and the time for 1000
@@ -108,14 +109,33 @@ def scores(course: Path, assignments: list[str]) -> dict:
                 for s in gb.find_assignment(a).submissions}
 
 
-def per_submission(course: Path) -> dict[str, list[float]]:
-    """Seconds per submission inside a worker, by assignment, from the runner's ledger."""
-    seconds: dict[str, list[float]] = {}
+def per_submission(course: Path, what: str = "seconds") -> dict[str, list[float]]:
+    """Per submission, by assignment, from the runner's ledger: ``seconds`` inside a worker
+    (wall clock), the worker's ``cpu_seconds``, or its kernel's ``kernel_cpu_seconds``."""
+    found: dict[str, list[float]] = {}
     for line in (course / ".grading" / "autograde" / "ledger.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        if entry.get("status") not in (None, "started"):
-            seconds.setdefault(entry["assignment"], []).append(entry["seconds"])
-    return dict(sorted(seconds.items()))
+        if entry.get("status") not in (None, "started") and entry.get(what) is not None:
+            found.setdefault(entry["assignment"], []).append(entry[what])
+    return dict(sorted(found.items()))
+
+
+def where_time_goes(course: Path) -> None:
+    """Per assignment, the median submission: wall seconds in the worker, and the CPU
+    seconds of the worker (nbgrader, the test cells) and of the notebook's kernel."""
+    walls, graders = per_submission(course), per_submission(course, "cpu_seconds")
+    kernels = per_submission(course, "kernel_cpu_seconds")
+    med = statistics.median
+    print(f"{'per submission (median)':<28}{'wall s':>8}{'grader CPU s':>14}{'kernel CPU s':>14}")
+    for assignment, wall in walls.items():
+        kernel = f"{med(kernels[assignment]):.2f}" if assignment in kernels else "-"
+        print(f"{assignment:<28}{med(wall):>8.2f}{med(graders.get(assignment, [0])):>14.2f}"
+              f"{kernel:>14}")
+    every = [sum(v, []) for v in (list(walls.values()), list(graders.values()),
+                                  list(kernels.values()))]
+    print(f"{'all (mean)':<28}" + "".join(
+        f"{statistics.mean(v):>{w}.2f}" if v else f"{'-':>{w}}"
+        for v, w in zip(every, (8, 14, 14), strict=True)))
 
 
 def throughput(args, assignments) -> None:
@@ -178,8 +198,9 @@ def throughput(args, assignments) -> None:
 
         print(f"bngrade.autograde -j {args.jobs}, the whole class: {nb_class} notebooks ...",
               flush=True)
+        # As an instructor runs it: the canary first, the similarity report last.
         wj, bj, done = timed([PYTHON, "-m", "bngrade.autograde", "--all", "--jobs",
-                              str(args.jobs), "--no-canary"], work / "class")
+                              str(args.jobs)], work / "class")
         if done.returncode:
             sys.exit(f"the runner failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         rows.append((f"bngrade.autograde -j {args.jobs}", nb_class, wj, wj / nb_class,
@@ -209,8 +230,7 @@ def throughput(args, assignments) -> None:
               f"{projected / 60:.1f} min at the measured rate. Target: under "
               f"{TARGET_SECONDS // 60} min on two cores: "
               f"{'met' if projected < TARGET_SECONDS else 'missed'}.")
-        print("Seconds per submission inside a worker, by assignment (median): " + ", ".join(
-            f"{a} {statistics.median(s):.1f}" for a, s in per_submission(work / "class").items()))
+        where_time_goes(work / "class")
         print(f"Grades: {'the same' if not differ else 'DIFFERENT'} for the {len(plain)} "
               "submissions graded by both (plain nbgrader, -j 1 and -j N)")
         if differ:
@@ -222,11 +242,13 @@ def throughput(args, assignments) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def kernel_manager(config):
-    """The kernel manager the course's grader uses (the sandboxed one where it exists)."""
+def kernel_manager(config, course: Path):
+    """The kernel manager the course's grader uses: sandboxed, warm where bwrap is used."""
     from bngrade.sandbox import SandboxedKernelManager
 
-    return SandboxedKernelManager(kernel_name="python3", config=config)
+    km = SandboxedKernelManager(kernel_name="python3", config=config)
+    km.course_root = str(course)
+    return km
 
 
 def profile(args, assignments) -> None:
@@ -266,7 +288,7 @@ def profile(args, assignments) -> None:
                 # grades, and removes it after).
                 os.environ["NBGRADER_EXECUTION"] = "autograde"
                 nb = nbformat.read(path, as_version=4)
-                km = kernel_manager(grader.app.config)
+                km = kernel_manager(grader.app.config, course)
                 client = NotebookClient(nb, km=km, timeout=60, allow_errors=True,
                                         resources={"metadata": {"path": str(path.parent)}})
                 t = time.perf_counter()

@@ -165,17 +165,19 @@ def serve(source_root: str, hold: str, stub: str, preload: list[str]) -> None:
         except Exception:  # a missing optional library only makes its kernels slower
             pass
     returncodes: dict[int, int] = {}
+    cpu: dict[int, float] = {}  # the CPU seconds each kernel used, once it is gone
     users: dict[int, int] = {}  # kernel's pid -> its user, until both are gone
 
     def reap(pid: int, block: bool = False) -> int | None:
         if pid not in returncodes:
             try:
-                done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+                done, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, -1
+                done, status, usage = pid, -1, None
             if done == 0:
                 return None
             returncodes[pid] = os.waitstatus_to_exitcode(status) if status != -1 else -1
+            cpu[pid] = usage.ru_utime + usage.ru_stime if usage else 0.0
         if pid in users:
             kill_user(users.pop(pid))
         return returncodes[pid]
@@ -198,7 +200,7 @@ def serve(source_root: str, hold: str, stub: str, preload: list[str]) -> None:
                 users[child] = spec["uid"]
                 reply = {"pid": child}
             elif op == "poll":
-                reply = {"returncode": reap(pid)}
+                reply = {"returncode": reap(pid), "cpu": cpu.get(pid)}
             elif op == "signal":
                 if reap(pid) is None:
                     os.kill(pid, request["signal"])
@@ -206,7 +208,7 @@ def serve(source_root: str, hold: str, stub: str, preload: list[str]) -> None:
             elif op == "kill":
                 if reap(pid) is None:
                     os.kill(pid, signal.SIGKILL)
-                reply = {"returncode": reap(pid, block=True)}
+                reply = {"returncode": reap(pid, block=True), "cpu": cpu.get(pid)}
             else:
                 reply = {"error": f"unknown request {op!r}"}
         except OSError as error:

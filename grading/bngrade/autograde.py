@@ -78,7 +78,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from bngrade.report import grading_problems, timed_out
+from bngrade.report import grading_record, problems_in
 from bngrade.scan import scan_submission
 
 #: Seconds a worker's database connection waits for another worker's write to finish.
@@ -105,6 +105,8 @@ class Result:
     max_score: float | None = None
     notebooks: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the grader's own (this process)
+    kernel_cpu_seconds: float | None = None  # the notebooks' kernels', where measured
     notes: list[str] = field(default_factory=list)
     needs_manual_grade: bool = False
     digest: str = ""
@@ -188,16 +190,22 @@ def _error_note(records: Sequence[logging.LogRecord]) -> str:
     return errors[0].strip().splitlines()[0][:300] if errors else "nbgrader failed"
 
 
-def _problems(paths: Sequence[str]) -> list[str]:
+def _records(paths: Sequence[str]) -> tuple[list[str], bool, float | None]:
     """What went wrong while the autograded notebooks ran (a kernel that died, output cut
-    off...), as ``bngrade.report.grading_problems`` reads it from the grader's record."""
-    found = []
+    off...), as ``bngrade.report.problems_in`` reads it from the grader's record; whether a
+    cell timed out; and the CPU seconds of their kernels (where the sandbox measured them)."""
+    found, late, kernel_cpu = [], False, None
     for path in paths:
         try:
-            found += [str(p) for p in grading_problems(path)]
+            record = grading_record(path)
         except Exception as error:  # reported, never fatal
             found.append(f"could not read the grading record: {type(error).__name__}: {error}")
-    return list(dict.fromkeys(found))
+            continue
+        found += problems_in(record)
+        late = late or bool(record.get("timed_out"))
+        if record.get("kernel_cpu_seconds") is not None:
+            kernel_cpu = (kernel_cpu or 0.0) + float(record["kernel_cpu_seconds"])
+    return list(dict.fromkeys(found)), late, kernel_cpu
 
 
 def _scan(paths: Sequence[str]) -> list[str]:
@@ -246,7 +254,7 @@ class Grader:
         from nbgrader.api import Gradebook
         from nbgrader.converters import Autograde
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = Result(student, assignment, notebooks=len(notebooks))
         reasons = _scan(notebooks)
         coursedir = self.app.coursedir
@@ -280,8 +288,9 @@ class Grader:
                                                          student, assignment), Path(nb).name)
                       for nb in notebooks]
             graded = [path for path in graded if os.path.exists(path)]
-            result.notes += _problems(graded)
-            if any(timed_out(path) for path in graded):
+            problems, late, result.kernel_cpu_seconds = _records(graded)
+            result.notes += problems
+            if late:
                 result.status = TIMED_OUT
                 if not any("timed out" in note for note in result.notes):
                     result.notes.append("a cell ran past the time limit and was stopped")
@@ -291,6 +300,7 @@ class Grader:
                 result.status = GRADED
         result.notes = reasons + result.notes
         result.seconds = time.perf_counter() - start
+        result.cpu_seconds = time.process_time() - cpu_start
         return result
 
 

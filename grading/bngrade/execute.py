@@ -87,8 +87,11 @@ class GradingExecute(RunsTestsOutsideKernel, Execute):
             self.nb.metadata["language_info"] = info["content"]["language_info"]
             if isinstance(self.km, SandboxedKernelManager):
                 self.km.lock_rundir()  # the kernel answered: its sockets are bound
+            kernel = getattr(self.km.provisioner, "process", None)
             report = self.run_cells()
         report["output_truncated"] = [f"cell {i}" for i in self._truncated]
+        # Where the time went (a warm kernel reports its CPU time when it is gone).
+        report["kernel_cpu_seconds"] = getattr(kernel, "cpu_seconds", None)
         self.set_widgets_metadata()
         if self.resources is not None:
             self.resources.setdefault("bncore", {})["grading"] = report

@@ -3,7 +3,7 @@
 
 :class:`bngrade.execute.GradingExecute` records the cells that timed out, a kernel that died
 and the cells it left unrun, output cut off, the cells skipped while grading (``skip-when-
-checked``), and the test cells whose visible checks failed.
+checked``), the test cells whose visible checks failed, and the CPU seconds of a warm kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class StoreGradingReport(NbGraderPreprocessor):
         return nb, resources
 
 
-def _record(path: str | Path) -> dict[str, Any]:
+def grading_record(path: str | Path) -> dict[str, Any]:
+    """What GradingExecute recorded in an autograded notebook (empty when nothing)."""
     import nbformat
 
     return nbformat.read(Path(path), as_version=4).metadata.get("bncore", {}).get("grading", {})
@@ -33,14 +34,18 @@ def _record(path: str | Path) -> dict[str, Any]:
 
 def timed_out(autograded_notebook_path: str | Path) -> bool:
     """Whether a cell of an autograded notebook ran past the per-cell time limit."""
-    return bool(_record(autograded_notebook_path).get("timed_out"))
+    return bool(grading_record(autograded_notebook_path).get("timed_out"))
 
 
 def grading_problems(autograded_notebook_path: str | Path) -> list[str]:
     """What went wrong while an autograded notebook ran (empty when nothing did): cells that
     timed out, a kernel that died and the cells it left unrun, output cut off, test cells that
     could not reach the notebook (its code broke its end of the channel)."""
-    report = _record(autograded_notebook_path)
+    return problems_in(grading_record(autograded_notebook_path))
+
+
+def problems_in(report: dict[str, Any]) -> list[str]:
+    """:func:`grading_problems` of a record already read."""
     problems = [f"timed out: {cell}" for cell in report.get("timed_out", [])]
     if report.get("kernel_died"):
         problems.append(f"the kernel died in {report['kernel_died']}")

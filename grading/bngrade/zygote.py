@@ -38,6 +38,7 @@ from typing import Any
 #: What every graded kernel imports: the kernel itself, and NumPy (``SandboxedKernelManager.
 #: preload`` adds a course's own).
 PRELOAD = ("numpy", "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
+           "ipykernel.debugger",
            "IPython.core.interactiveshell", "IPython.core.completer", "jupyter_client.session",
            "zmq.asyncio", "tornado.ioloop", "sqlite3")
 #: Where the zygote sees the course folder (read-only), to show a kernel its submission's files.
@@ -136,13 +137,19 @@ class ZygoteProcess:
         self.zygote = zygote
         self.pid = pid
         self.returncode: int | None = None
+        self.cpu_seconds: float | None = None  # the kernel's CPU time, once it is gone
+
+    def _ask(self, op: str) -> None:
+        try:
+            reply = self.zygote.request(op, pid=self.pid)
+        except ZygoteError:
+            self.returncode = -signal.SIGKILL  # the zygote took its kernels with it
+            return
+        self.returncode, self.cpu_seconds = reply["returncode"], reply.get("cpu")
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
-                self.returncode = self.zygote.request("poll", pid=self.pid)["returncode"]
-            except ZygoteError:
-                self.returncode = -signal.SIGKILL  # the zygote took its kernels with it
+            self._ask("poll")
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -168,7 +175,4 @@ class ZygoteProcess:
     def kill(self) -> None:
         """Kill the kernel and whatever it started, and wait for them."""
         if self.returncode is None:
-            try:
-                self.returncode = self.zygote.request("kill", pid=self.pid)["returncode"]
-            except ZygoteError:
-                self.returncode = -signal.SIGKILL
+            self._ask("kill")
