@@ -140,62 +140,67 @@ def with_settings(fn, use_fused=True, force_split=None):
     return call
 
 
-def median_seconds(fns, device, warmup, repeats):
-    """The median wall-clock time of each function, called in turn so that all see the
-    same load; on CUDA, each call is followed by a synchronization."""
+def median_in_turn(fns, warmup, repeats, time_one):
+    """The median of time_one(fn) for each function, after warmup calls of each: the
+    functions are called in turn, round after round, so that all see the same load."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, seconds in zip(fns, times, strict=True):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
+        for fn, measured in zip(fns, times, strict=True):
+            measured.append(time_one(fn))
     return [statistics.median(t) for t in times]
+
+
+def median_seconds(fns, device, warmup, repeats):
+    """The median wall-clock time of each function, called in turn so that all see the
+    same load; on CUDA, each call is followed by a synchronization."""
+
+    def seconds(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return median_in_turn(fns, warmup, repeats, seconds)
 
 
 def median_event_ms(fns, warmup, repeats):
     """The median time of each function between two CUDA events (ms), called in turn. The
     GPU is idle when a call starts, so a call bound by its launches counts its host time."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ms in zip(fns, times, strict=True):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ms.append(start.elapsed_time(end))
-    return [statistics.median(t) for t in times]
+
+    def ms(fn):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    return median_in_turn(fns, warmup, repeats, ms)
 
 
 def host_seconds_per_call(fns, device, warmup, repeats, calls=50):
     """The median time each function keeps the host busy per call: a block of calls with no
     synchronization inside, on a batch small enough that the GPU keeps up."""
-    for fn in fns:
-        for _ in range(warmup):
+
+    def seconds(fn):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
             fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, seconds in zip(fns, times, strict=True):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            seconds.append((time.perf_counter() - start) / calls)
+        return (time.perf_counter() - start) / calls
+
+    medians = median_in_turn(fns, warmup, repeats, seconds)
     if device == "cuda":
         torch.cuda.synchronize()
-    return [statistics.median(t) for t in times]
+    return medians
 
 
 # ----------------------------------------------------------------------------------------

@@ -72,6 +72,23 @@ def _tile(t, tiles_per_n, S, sn, ss, c_off, c_mask, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
+def _program_block(C, sc, tiles, tiles_per_program, BLOCK_C: tl.constexpr):
+    """The work of program (pid(0), pid(1)): the channels cs of block pid(0), their mask and
+    their offsets (stride sc), and the tiles [first, last) of program pid(1)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    first = tl.program_id(1) * tiles_per_program
+    return cs, cs < C, cs.to(tl.int64) * sc, first, tl.minimum(first + tiles_per_program, tiles)
+
+
+@triton.jit
+def _partial_rows(p0, cs, c_mask, C, P, BLOCK_P: tl.constexpr):
+    """Index (BLOCK_P, BLOCK_C) and mask of rows p0 to p0 + BLOCK_P of a block of P rows of
+    partial results (P, C), for the channels cs."""
+    ps = p0 + tl.arange(0, BLOCK_P)
+    return ps[:, None] * C + cs[None, :], (ps < P)[:, None] & c_mask[None, :]
+
+
+@triton.jit
 def _normalize_tiles(x_ptr, y_ptr, w_ptr, b_ptr, mean, invstd, cs, c_mask, c_off, first, last,
                      tiles_per_n, S, sn, ss, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -105,11 +122,7 @@ def _forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, part_ptr,
     shift in its last row.
     """
     pid_p = tl.program_id(1)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
-    c_off = cs.to(tl.int64) * sc
-    first = pid_p * tiles_per_program
-    last = tl.minimum(first + tiles_per_program, tiles)
+    cs, c_mask, c_off, first, last = _program_block(C, sc, tiles, tiles_per_program, BLOCK_C)
     # The shift: the mean of the first tile, close enough to the mean that the sums of the
     # deviations from it cancel no digits worth having, and small numbers to merge.
     off, mask = _tile(0, tiles_per_n, S, sn, ss, c_off, c_mask, BLOCK_S)
@@ -155,9 +168,7 @@ def _merge_partials(part_ptr, cs, c_mask, C, P, BLOCK_P: tl.constexpr, BLOCK_C: 
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
     weighted = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & c_mask[None, :]
-        index = ps[:, None] * C + cs[None, :]
+        index, mask = _partial_rows(p0, cs, c_mask, C, P, BLOCK_P)
         n = tl.load(part_ptr + index, mask=mask, other=0.0)
         total += tl.sum(n, axis=0)
         weighted += tl.sum(n * tl.load(part_ptr + P * C + index, mask=mask, other=0.0), axis=0)
@@ -165,9 +176,7 @@ def _merge_partials(part_ptr, cs, c_mask, C, P, BLOCK_P: tl.constexpr, BLOCK_C: 
     deviation = weighted / total
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        mask = (ps < P)[:, None] & c_mask[None, :]
-        index = ps[:, None] * C + cs[None, :]
+        index, mask = _partial_rows(p0, cs, c_mask, C, P, BLOCK_P)
         n = tl.load(part_ptr + index, mask=mask, other=0.0)
         d = tl.load(part_ptr + P * C + index, mask=mask, other=0.0) - deviation[None, :]
         part_m2 = tl.load(part_ptr + 2 * P * C + index, mask=mask, other=0.0)
@@ -291,11 +300,7 @@ def _backward_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, dw_ptr, 
     pid(1). FUSED (one program per channel block): then dw, db and dx. Else: store the sums
     in row pid(1) of part (2, P, C)."""
     pid_p = tl.program_id(1)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
-    c_off = cs.to(tl.int64) * sc
-    first = pid_p * tiles_per_program
-    last = tl.minimum(first + tiles_per_program, tiles)
+    cs, c_mask, c_off, first, last = _program_block(C, sc, tiles, tiles_per_program, BLOCK_C)
     mean = tl.load(stats_ptr + cs, mask=c_mask, other=0.0)
     invstd = tl.load(stats_ptr + C + cs, mask=c_mask, other=0.0)
     acc_dy = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -336,9 +341,7 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, dw_ptr
     sum_dy_xc = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_PARTIALS:
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            mask = (ps < P)[:, None] & c_mask[None, :]
-            index = ps[:, None] * C + cs[None, :]
+            index, mask = _partial_rows(p0, cs, c_mask, C, P, BLOCK_P)
             sum_dy += tl.sum(tl.load(part_ptr + index, mask=mask, other=0.0), axis=0)
             sum_dy_xc += tl.sum(tl.load(part_ptr + P * C + index, mask=mask, other=0.0), axis=0)
     first = pid_p * tiles_per_program

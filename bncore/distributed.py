@@ -44,13 +44,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.types import Device
+
+from bncore.torch import _BatchNorm, _channel_view, _compute_dtype, _reduce_dims
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -62,19 +64,6 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ statistics
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.view((1, -1) + (1,) * (like.dim() - 2))
-
 
 def _local_moments(x: torch.Tensor, channels: int) -> torch.Tensor:
     """[count, mean (C), sum of squared deviations (C)] of this process's part, float64.
@@ -175,7 +164,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------ the module
 
-class SyncBatchNorm(nn.Module):
+class SyncBatchNorm(_BatchNorm):
     r"""Batch normalization with statistics over the whole batch of every process of a group;
     a drop-in for :class:`torch.nn.SyncBatchNorm` that also runs on CPU (``gloo``).
 
@@ -207,67 +196,19 @@ class SyncBatchNorm(nn.Module):
     ``num_batches_tracked`` as they were, on every process.
     """
 
-    _version = 2
-
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
     process_group: dist.ProcessGroup | None
-    # None without affine (weight and bias) or without track_running_stats (the buffers).
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    num_batches_tracked: torch.Tensor | None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: dist.ProcessGroup | None = None, device: Device = None,
                  dtype: torch.dtype | None = None, *, bias: bool = True) -> None:
-        super().__init__()
         num_features = operator.index(num_features)
         if num_features < 0:
             raise ValueError(f"num_features must be >= 0, got {num_features}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.affine, self.track_running_stats = affine, track_running_stats
+        # The parameters, buffers, their reset and the eps check: bncore.torch's base class.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias)
         self.process_group = process_group
-        self.weight = nn.Parameter(torch.empty(num_features, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(num_features, **factory)) if affine and bias else None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                self.register_buffer(name, None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            # Tensors: __init__ registered them so with track_running_stats=True.
-            assert self.running_mean is not None and self.running_var is not None
-            assert self.num_batches_tracked is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, bias={self.bias is not None}, "
-                f"track_running_stats={self.track_running_stats}")
 
     # -------------------------------------------------------------- checks
 
@@ -373,19 +314,7 @@ class SyncBatchNorm(nn.Module):
         for running, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
             running.mul_(1 - factor).add_(stat.to(running.dtype), alpha=factor)
 
-    # -------------------------------------------------------------- state and conversion
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
-                              local_metadata: dict[str, Any], strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        # State dicts saved before num_batches_tracked existed (version < 2) load with 0.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    # -------------------------------------------------------------- conversion
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module,
@@ -398,8 +327,11 @@ class SyncBatchNorm(nn.Module):
         module, or the new layer if module itself was a batch-norm layer.
         """
         converted = module
-        if isinstance(module, _batch_norm_classes()):
-            old = cast(_BatchNormLayer, module)
+        # torch's batch-norm layers, and bncore.torch's (this class among them).
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchNorm)):
+            # torch's layers have the attributes that bncore.torch's base class declares (and
+            # nn.Module does not).
+            old = cast(_BatchNorm, module)
             converted = cls(old.num_features, old.eps, old.momentum, old.affine,
                             old.track_running_stats, process_group,
                             bias=getattr(module, "bias", None) is not None)
@@ -415,30 +347,6 @@ class SyncBatchNorm(nn.Module):
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
-
-
-class _BatchNormLayer(Protocol):
-    """What convert_sync_batchnorm takes over from a layer of _batch_norm_classes(): every
-    one of them has these attributes, which nn.Module does not declare."""
-
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    num_batches_tracked: torch.Tensor | None
-
-
-def _batch_norm_classes() -> tuple[type, ...]:
-    from bncore import torch as bncore_torch  # imported here: bncore.torch re-exports this module
-
-    ours = tuple(getattr(bncore_torch, name) for name in ("BatchNorm1d", "BatchNorm2d")
-                 if hasattr(bncore_torch, name))
-    return (nn.modules.batchnorm._BatchNorm, SyncBatchNorm, *ours)
 
 
 # ------------------------------------------------------------------ k processes on one machine

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -576,7 +576,8 @@ def batch_norm(
 
 
 class _BatchNorm(nn.Module):
-    """The part BatchNorm1d and BatchNorm2d share; like ``torch.nn.modules.batchnorm._BatchNorm``.
+    """The part BatchNorm1d, BatchNorm2d and :class:`bncore.distributed.SyncBatchNorm` share;
+    like ``torch.nn.modules.batchnorm._BatchNorm``.
 
     Parameters ``weight`` and ``bias`` and buffers ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` carry PyTorch's names, shapes and dtypes, so that state dicts
@@ -781,5 +782,15 @@ class BatchNorm2d(_BatchNorm):
     _input_shapes = "(N, C, H, W)"
 
 
+# SyncBatchNorm (chapter 6) is bncore.distributed's, which builds on _BatchNorm: re-exported
+# here on first use, so that either module can be imported first.
+if TYPE_CHECKING:
+    from bncore.distributed import SyncBatchNorm as SyncBatchNorm
+else:
 
-from bncore.distributed import SyncBatchNorm as SyncBatchNorm  # noqa: E402  (chapter 6)
+    def __getattr__(name: str) -> Any:
+        if name == "SyncBatchNorm":
+            from bncore.distributed import SyncBatchNorm
+
+            return SyncBatchNorm
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -552,34 +552,36 @@ def report(found: dict) -> str:
     return "\n".join(f"{doc}: {item}" for doc, items in found.items() for item in items)
 
 
+def assert_no_page_has(visits, problem: str, what: str, most: int | None = None) -> None:
+    """Fail with the pages whose readability check ``problem`` found something (at most
+    ``most`` items a page), under the heading ``what``."""
+    found = {doc: r[problem][:most] for doc, r in readable(visits).items() if r[problem]}
+    assert not found, f"{what}:\n" + report(found)
+
+
 def test_no_raw_pipe_tables(visits):
     """A Markdown table must reach the reader as a table, not as a paragraph of | text."""
-    found = {doc: r["pipes"] for doc, r in readable(visits).items() if r["pipes"]}
-    assert not found, "raw pipe-table text on the page:\n" + report(found)
+    assert_no_page_has(visits, "pipes", "raw pipe-table text on the page")
 
 
 def test_no_object_reprs(visits):
     """No '<... at 0x7f...>': an object's address is noise, and changes with every build."""
-    found = {doc: r["reprs"] for doc, r in readable(visits).items() if r["reprs"]}
-    assert not found, "object reprs printed on the page:\n" + report(found)
+    assert_no_page_has(visits, "reprs", "object reprs printed on the page")
 
 
 def test_display_equations_fit_the_column(visits):
     """Every displayed formula is visible whole, within the article's column."""
-    found = {doc: r["clipped"] for doc, r in readable(visits).items() if r["clipped"]}
-    assert not found, "display equations clipped or wider than the column:\n" + report(found)
+    assert_no_page_has(visits, "clipped", "display equations clipped or wider than the column")
 
 
 def test_code_and_outputs_do_not_scroll_sideways(visits):
     """Code lines (at most 88 characters) and printed outputs fit the column."""
-    found = {doc: r["scrolling"] for doc, r in readable(visits).items() if r["scrolling"]}
-    assert not found, "blocks that scroll sideways at 1280 px:\n" + report(found)
+    assert_no_page_has(visits, "scrolling", "blocks that scroll sideways at 1280 px")
 
 
 def test_figures_are_drawn_at_the_column_width(visits):
     """A figure shown at less than 1/1.3 of its drawn width has its labels shrunk with it."""
-    found = {doc: r["shrunk"] for doc, r in readable(visits).items() if r["shrunk"]}
-    assert not found, "figures shrunk by 1.3x or more:\n" + report(found)
+    assert_no_page_has(visits, "shrunk", "figures shrunk by 1.3x or more")
 
 
 def table_calls(doc: str) -> int:
@@ -604,8 +606,7 @@ def test_result_tables_are_tables(visits):
 
 def test_glued_numbers_read_as_text(visits):
     """Numbers computed at build time are set like the prose around them, not in bold."""
-    found = {doc: r["bold_glue"][:5] for doc, r in readable(visits).items() if r["bold_glue"]}
-    assert not found, "glued values set in bold:\n" + report(found)
+    assert_no_page_has(visits, "bold_glue", "glued values set in bold", most=5)
 
 
 def test_sections_number_in_reading_order(visits, site):

@@ -9,6 +9,8 @@ this module so that the spawned processes can import them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -408,6 +410,17 @@ def test_sync_batch_norm_is_exported_by_bncore_torch():
     import bncore.distributed
 
     assert bt.SyncBatchNorm is bncore.distributed.SyncBatchNorm
+
+
+@pytest.mark.parametrize("first", ["bncore.distributed", "bncore.torch"])
+def test_either_module_can_be_imported_first(first):
+    # SyncBatchNorm builds on bncore.torch's base class, and bncore.torch re-exports it: a
+    # fresh interpreter, so that neither module is loaded before the one named.
+    code = (f"import {first}; import bncore.distributed, bncore.torch; "
+            "assert bncore.torch.SyncBatchNorm is bncore.distributed.SyncBatchNorm; "
+            "assert issubclass(bncore.distributed.SyncBatchNorm, bncore.torch._BatchNorm)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ------------------------------------------------------------------ bad input, one process

@@ -9,7 +9,8 @@ from typing import Any
 import nbformat
 from nbgrader.preprocessors import NbGraderPreprocessor
 
-from bncore.runner import BEGIN_HIDDEN, END_HIDDEN, nbgrader_meta
+from bncore.runner import nbgrader_meta
+from bngrade.feedback import lines_by_region
 
 
 class SanitizeSubmission(NbGraderPreprocessor):
@@ -120,12 +121,5 @@ class SanitizeSubmission(NbGraderPreprocessor):
 def _visible(source: str) -> str:
     """A cell's source without its hidden regions, blank lines and trailing spaces: what a
     student was shown of it."""
-    lines, inside = [], False
-    for line in source.split("\n"):
-        if BEGIN_HIDDEN in line:
-            inside = True
-        elif END_HIDDEN in line:
-            inside = False
-        elif not inside and line.strip():
-            lines.append(line.rstrip())
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for hidden, line in lines_by_region(source)
+                     if not hidden and line.strip())
