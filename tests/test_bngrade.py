@@ -111,10 +111,27 @@ def test_sanitize_restores_metadata_and_puts_deleted_locked_cells_back(gradebook
     ("%run other.py", "magic %run"),
     ("try:\n    pass\nexcept KeyboardInterrupt:\n    pass", "catches KeyboardInterrupt"),
     ("def f(:\n    open('x')", "opens files"),  # a syntax error: still scanned
+    ("class Yes(np.ndarray):\n    pass", "subclasses np.ndarray"),
+    ("class Always:\n    def __eq__(self, other):\n        return True", "defines __eq__"),
+    ("real = __bncore_server__", "touches __bncore_server__"),
+    ("x.__class__ = Liar", "changes an object's class"),
 ])
 def test_scan_flags_what_reaches_outside_an_answer(source, reason):
     found = scan.scan_code(source)
     assert any(reason in r for r in found), found
+
+
+@pytest.mark.parametrize("source, flagged", [
+    ("rel_error = lambda a, b: 0.0", True),
+    ("if True:\n    def rel_error(a, b):\n        return 0.0", True),
+    ("def f():\n    global rel_error\n    rel_error = None", True),
+    ("def f(x):\n    rel_error = x.max()\n    return rel_error", False),  # a local name
+    ("print(rel_error(a, b))", False),
+])
+def test_scan_flags_an_answer_that_redefines_a_locked_helper(source, flagged):
+    found = scan.redefined_helpers(source, {"rel_error": "setup"})
+    assert found == (["redefines rel_error, a helper of the locked cell setup"] if flagged
+                     else []), found
 
 
 @pytest.mark.parametrize("assignment", ASSIGNMENTS)

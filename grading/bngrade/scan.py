@@ -76,6 +76,16 @@ _RISKY_MODULE_ATTRIBUTES = {
             "meta_path": "changes the import system", "path_hooks": "changes the import "
             "system", "path": "changes the import path"},
 }
+# A result object that pretends: a subclass of an array or a number, or a class that answers
+# comparisons and NumPy's conversions itself, can make a wrong answer compare equal.
+_PRETENDING_BASES = {"ndarray", "generic", "int", "float", "complex", "bool", "Number"}
+_PRETENDING_METHODS = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__",
+                       "__float__", "__index__", "__array__", "__array_function__",
+                       "__array_ufunc__", "__array_priority__", "__array_interface__"}
+# Dunder names a notebook may read ...
+_PLAIN_DUNDERS = {"__name__", "__doc__"}
+# ... and those whose every use is suspicious (a class body may set other dunders).
+_KERNEL_DUNDERS = {"__builtins__", "__loader__", "__spec__"}
 _SAFE_MAGICS = {"matplotlib", "time", "timeit", "precision", "config", "load_ext", "autoreload",
                 "who", "whos", "%time", "%timeit"}
 _MAGIC = re.compile(r"^\s*(%{1,2})(\w+)|^\s*!")
@@ -140,8 +150,12 @@ def scan_code(source: str) -> list[str]:
             why = _RISKY_MODULE_ATTRIBUTES[modules[node.value.id]].get(node.attr)
             if why:
                 found.append(f"{why} ({modules[node.value.id]}.{node.attr})")
-        elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
-            found.append(f"touches {node.id}")
+        elif (isinstance(node, ast.Name) and node.id.startswith("__")
+              and node.id.endswith("__") and node.id not in _PLAIN_DUNDERS
+              and (isinstance(node.ctx, ast.Load) or node.id in _KERNEL_DUNDERS)):
+            found.append(f"touches {node.id} (the kernel's internals)")
+        elif isinstance(node, ast.ClassDef):
+            found += _pretending_class(node)
         elif isinstance(node, ast.ExceptHandler) and node.type is not None:
             caught = [n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)]
             for name in ("KeyboardInterrupt", "SystemExit", "BaseException"):
@@ -158,7 +172,89 @@ def scan_code(source: str) -> list[str]:
                         and isinstance(target, (ast.Attribute, ast.Subscript))):
                     found.append(f"changes the module {modules[base.id]} "
                                  f"({ast.unparse(target)[:60]} = ...)")
+                if isinstance(target, ast.Attribute) and target.attr == "__class__":
+                    found.append(f"changes an object's class ({ast.unparse(target)[:60]} = ...)")
     return list(dict.fromkeys(found))
+
+
+def _pretending_class(node: ast.ClassDef) -> list[str]:
+    """Why the class ``node`` could stand for a value it is not: it subclasses an array or a
+    number, or defines comparisons or NumPy's conversions."""
+    found = []
+    for base in node.bases:
+        name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+        if name in _PRETENDING_BASES:
+            found.append(f"class {node.name} subclasses {ast.unparse(base)} "
+                         "(a result that can pretend to hold other values)")
+    defined = {target.id for statement in node.body
+               for target in (statement.targets if isinstance(statement, ast.Assign) else [])
+               if isinstance(target, ast.Name)}
+    defined |= {statement.name for statement in node.body
+                if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    pretending = sorted(defined & _PRETENDING_METHODS)
+    if pretending:
+        found.append(f"class {node.name} defines {', '.join(pretending)} "
+                     "(its objects can compare equal to anything)")
+    return found
+
+
+def _helper_names(locked_sources: dict[str, str]) -> dict[str, str]:
+    """The functions and classes that the locked cells define (the set-up's helpers, such as
+    a gradient checker): name -> the cell's grade_id."""
+    helpers = {}
+    for grade_id, source in locked_sources.items():
+        try:
+            tree = ast.parse(_strip_magics(source)[0])
+        except SyntaxError:
+            continue
+        for statement in tree.body:
+            if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                helpers[statement.name] = grade_id
+    return helpers
+
+
+def _stored_names(node: ast.AST | None) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)
+            and isinstance(n.ctx, (ast.Store, ast.Del))} if node is not None else set()
+
+
+def _module_bindings(statements: list[ast.stmt]) -> set[str]:
+    """The names that ``statements`` bind at module level (not inside a function or class)."""
+    bound: set[str] = set()
+    for statement in statements:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(statement.name)
+        elif isinstance(statement, (ast.For, ast.AsyncFor)):
+            bound |= _stored_names(statement.target)
+            bound |= _module_bindings(statement.body + statement.orelse)
+        elif isinstance(statement, (ast.With, ast.AsyncWith)):
+            for item in statement.items:
+                bound |= _stored_names(item.optional_vars)
+            bound |= _module_bindings(statement.body)
+        elif isinstance(statement, (ast.If, ast.While)):
+            bound |= _module_bindings(statement.body + statement.orelse)
+        elif isinstance(statement, ast.Try):
+            handled = [s for handler in statement.handlers for s in handler.body]
+            bound |= {h.name for h in statement.handlers if h.name}
+            bound |= _module_bindings(statement.body + handled + statement.orelse
+                                      + statement.finalbody)
+        else:
+            bound |= _stored_names(statement)
+    return bound
+
+
+def redefined_helpers(source: str, helpers: dict[str, str]) -> list[str]:
+    """The locked cells' helpers (see :func:`_helper_names`) that the code ``source`` binds
+    again: a gradient checker redefined to agree with anything."""
+    try:
+        tree = ast.parse(_strip_magics(source)[0])
+    except SyntaxError:
+        return []
+    bound = _module_bindings(tree.body)
+    bound.update(name for node in ast.walk(tree) if isinstance(node, ast.Global)
+                 for name in node.names)
+    return [f"redefines {name}, a helper of the locked cell {helpers[name]}"
+            for name in sorted(bound & helpers.keys())]
 
 
 def _course_root_of(notebook: Path) -> Path:
@@ -223,6 +319,7 @@ def scan_submission(notebook_path: str | Path, *, release: str | Path | None = N
         locked_sources = {nbgrader_meta(c)["grade_id"]: c.source for c in
                           nbformat.read(release_path, as_version=4).cells
                           if nbgrader_meta(c).get("locked") and nbgrader_meta(c).get("grade_id")}
+    helpers = _helper_names(locked_sources)
     for index, cell in enumerate(nb.cells):
         meta = nbgrader_meta(cell)
         if cell.cell_type != "code":
@@ -231,7 +328,8 @@ def scan_submission(notebook_path: str | Path, *, release: str | Path | None = N
         if grade_id in locked_sources:  # a locked cell: nbgrader puts its source back
             continue
         where = f"cell {index}" + (f" (answer {grade_id})" if grade_id else " (added)")
-        found += [f"{where}: {reason}" for reason in scan_code(cell.source)]
+        reasons = scan_code(cell.source) + redefined_helpers(cell.source, helpers)
+        found += [f"{where}: {reason}" for reason in reasons]
     return list(dict.fromkeys(found))
 
 
