@@ -479,55 +479,80 @@ TORCH_REFERENCE = code("""
         return out.numpy(), None
 """)
 
+# Where an attack looks for the course: three folders up from where the notebook runs (it is
+# graded in submitted/<student>/<assignment>/ when it runs where it lies), and the course's
+# path as the instructor has it (COURSE), which a student could learn or guess.
+COURSE_ROOTS = code("""
+    def course_roots(here):
+        roots = [pathlib.Path(COURSE)]
+        if len(here.parents) > 2 and here.parents[2] != roots[0]:
+            roots.append(here.parents[2])
+        return roots
+""")
+
+
+def attack(source: str, course: Path, marker: str = "MARKER", port: int = 0) -> str:
+    """An attack's code, its placeholders filled in: ``course_roots`` defined after its
+    imports, COURSE the course's path, MARKER a file name, PORT a port on the loopback."""
+    imports, _, rest = source.partition("\n\n")
+    return (f"{imports}\n\nCOURSE = {str(course)!r}\nPORT = {port}\n\n\n{COURSE_ROOTS}"
+            f"\n\n\n{rest}").replace("MARKER", marker)
+
 READ_SOLUTIONS = code("""
     import json
     import pathlib
 
     here = pathlib.Path.cwd()
-    root = here.parents[2]
-    stolen = [
-        root / "solutions" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
-        here / "ch3-forward-backward.ipynb",  # the notebook being graded, hidden tests included
-        root / "autograded" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
-        root / "submitted" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
-    ]
+    stolen = [here / "ch3-forward-backward.ipynb"]  # the notebook graded, hidden tests included
+    for root in course_roots(here):
+        stolen += [
+            root / "solutions" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
+            root / "autograded" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
+            root / "submitted" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
+        ]
     for path in stolen:
         try:
             cells = json.loads(path.read_text())["cells"]
         except (OSError, ValueError) as error:
-            print("cannot read", path.name, type(error).__name__)
+            print("cannot read", path, type(error).__name__)
             continue
+        print("read", path)
         for cell in cells:
             source = "".join(cell["source"])
             if "BEGIN HIDDEN TESTS" in source:
                 print(source)  # the hidden tests, into the feedback
             if "BEGIN SOLUTION" in source:
                 exec(source, globals())  # the model answers
-    try:
-        print("gradebook:", len((root / "gradebook.db").read_bytes()), "bytes")
-    except OSError as error:
-        print("cannot read the gradebook", type(error).__name__)
+    for root in course_roots(here):
+        try:
+            print("read the gradebook:", len((root / "gradebook.db").read_bytes()), "bytes")
+        except OSError as error:
+            print("cannot read the gradebook", type(error).__name__)
 """)
 
 WRITE_ATTACK = code("""
     import pathlib
     import socket
+    import sys
 
     here = pathlib.Path.cwd()
-    root = here.parents[2]
     targets = [
-        root / "gradebook.db",
-        root / "submitted" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
-        root / "autograded" / "victim" / "ch3-forward-backward" / "pwned.txt",
-        root / "feedback" / "pwned.txt",
-        root / "solutions" / "pwned.txt",
-        root / "pwned.txt",
-        root.parent / "pwned.txt",
         here / "ch3-forward-backward.ipynb",
         pathlib.Path("/tmp") / "MARKER",
-        # the kernel's connection folder, the one host folder it can see
-        *[folder / "junk" for folder in pathlib.Path("/tmp").glob("bncore-kernel-*")],
+        # the kernel's connection folder (of the file after -f), the one host folder it sees
+        *[pathlib.Path(sys.argv[i + 1]).parent / "junk" for i, arg in enumerate(sys.argv)
+          if arg == "-f"],
     ]
+    for root in course_roots(here):
+        targets += [
+            root / "gradebook.db",
+            root / "submitted" / "victim" / "ch3-forward-backward" / "ch3-forward-backward.ipynb",
+            root / "autograded" / "victim" / "ch3-forward-backward" / "pwned.txt",
+            root / "feedback" / "pwned.txt",
+            root / "solutions" / "pwned.txt",
+            root / "pwned.txt",
+            root.parent / "pwned.txt",
+        ]
     for target in targets:
         try:
             with open(target, "ab") as handle:
@@ -535,8 +560,8 @@ WRITE_ATTACK = code("""
             print("wrote", target)
         except OSError as error:
             print("blocked", target, type(error).__name__)
-    try:
-        socket.create_connection(("1.1.1.1", 53), timeout=2).close()
+    try:  # a port the test listens on, on the machine's loopback
+        socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
         print("network: reachable")
     except OSError as error:
         print("network: unreachable", type(error).__name__)
@@ -654,9 +679,11 @@ def _extra_files(kit, course, student):
     (here / "sitecustomize.py").write_text('raise SystemExit("sitecustomize")\n')
 
 
-def cases(marker: str) -> list[Case]:
+def cases(marker: str, course: Path = Path("/course"), port: int = 0) -> list[Case]:
     """The corpus. ``marker`` is a unique file name the write attack tries to create in the
-    machine's /tmp (the test checks that it does not exist afterwards)."""
+    machine's /tmp (the test checks that it does not exist afterwards); the attacks look for
+    the course at ``course`` too, and the write attack tries to connect to ``port`` on the
+    loopback, where the test listens."""
     later = ("test_backward", "test_backward_alt")
     return [
         # good students, graded in the same class
@@ -767,12 +794,12 @@ def cases(marker: str) -> list[Case]:
         notebook_case("read_solutions", "reads the solutions, its own graded notebook, the "
                       "victim's work and the gradebook",
                       lambda k: k.with_stub("backward_alt", k.with_stub(
-                          "backward", k.full(forward=READ_SOLUTIONS))),
+                          "backward", k.full(forward=attack(READ_SOLUTIONS, course)))),
                       lose=ALL, needs_sandbox=True),
         notebook_case("write_attack", "writes to the gradebook, the victim's folders, the "
                       "solutions, outside its folder, /tmp; opens a socket",
                       lambda k: add_cell(k.full(), "setup",
-                                         WRITE_ATTACK.replace("MARKER", marker)),
+                                         attack(WRITE_ATTACK, course, marker, port)),
                       needs_sandbox=True),
         # broken files
         Case("malformed_json", "truncated JSON", _malformed, lose=ALL, graded=False),
