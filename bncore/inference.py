@@ -194,7 +194,8 @@ def _stats_to_fold(layer: nn.Linear | nn.Conv2d,
 
 
 @torch.no_grad()
-def fold_bn(layer: nn.Linear | nn.Conv2d, bn: BatchNormLayer) -> nn.Linear | nn.Conv2d:
+def fold_bn(layer: nn.Linear | nn.Conv2d,
+            bn: BatchNormLayer) -> nn.Linear | nn.Conv2d:
     """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows it
     folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel) and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
