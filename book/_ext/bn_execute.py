@@ -77,8 +77,8 @@ def execution_mode(app: Sphinx, config: Config) -> None:
 def notebook_page(env: BuildEnvironment, docname: str) -> Page | None:
     """The page as myst-nb's parser will see it (myst_nb.sphinx_.Parser.parse), or None when
     it is no notebook or myst-nb would not execute it from the cache."""
-    from myst_nb.core.read import create_nb_reader
     from myst_nb.core.nb_to_tokens import nb_node_to_dict
+    from myst_nb.core.read import create_nb_reader
     from sphinx.io import SphinxFileInput
 
     path = Path(env.doc2path(docname))
