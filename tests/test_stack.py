@@ -56,6 +56,31 @@ def assert_member_matches(history, member, reference):
                                rtol=2e-4, atol=1e-5)
 
 
+def test_train_classifier_makes_the_updates_of_torch_sgd(split):
+    """train_classifier writes plain SGD out; torch.optim.SGD on the same batches is the
+    oracle, to the last bit."""
+    torch.manual_seed(0)
+    net = mlp([64, 32, 32, 10], "sigmoid", bn="before")
+    reference = [p.detach().clone() for p in net.parameters()]
+    history = train_classifier(net, split, STEPS, lr=0.3, seed=4, eval_every=STEPS)
+    X_train, y_train = torch.as_tensor(split.X_train, dtype=torch.float32), split.y_train
+    twin = mlp([64, 32, 32, 10], "sigmoid", bn="before")
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), reference, strict=True):
+            p.copy_(q)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.3)
+    batches = torch.Generator().manual_seed(4)
+    for _ in range(STEPS):
+        idx = torch.randint(len(X_train), (60,), generator=batches)
+        loss = nn.functional.cross_entropy(twin(X_train[idx]), torch.as_tensor(y_train)[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p, q in zip(net.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    assert history["train_loss"][-1] == loss.item()
+
+
 def layer_norm_mlp(sizes, seed):
     """mlp(sizes) with one group norm of one group (layer norm over the units) before each
     ReLU: what a member with norm="ln" is."""
