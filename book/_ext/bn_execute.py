@@ -49,6 +49,9 @@ from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
 
+#: The colour codes in an IPython traceback, left out of the one line the log quotes.
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
 
 @dataclass
 class Page:
@@ -186,7 +189,7 @@ def execute_in_pool(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> 
                 forget(cache, page, "".join(traceback.format_exception_only(err)).strip())
                 continue
             if error is not None:
-                forget(cache, page, error.strip().splitlines()[-1])
+                forget(cache, page, ANSI_COLOUR.sub("", error).strip().splitlines()[-1])
             else:
                 store(cache, page, notebook, seconds)
 
