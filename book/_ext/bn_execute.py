@@ -12,9 +12,10 @@ page in its ``cache`` mode, it finds the executed notebook there and executes no
 For the cache to match, a page is executed as exactly the notebook myst-nb will look up: it is
 read with myst-nb's own reader (``create_nb_reader``) from the text Sphinx reads, with
 myst-nb's kernel aliases and the page's own execution settings applied; it is executed, and
-stored, as myst-nb's cache mode does (``single_nb_execution`` in the page's folder, then
-``cache_notebook_bundle``). The log says ``<page>: Executing notebook`` and
-``Executed notebook in ... seconds`` for each page, as myst-nb does.
+stored, as myst-nb's cache mode does (``single_nb_execution`` in the page's folder, or in a
+temporary one with ``execution_in_temp``, then ``cache_notebook_bundle``). The log says
+``<page>: Executing notebook`` and ``Executed notebook in ... seconds`` for each page, as
+myst-nb does.
 
 - **Which pages.** Locally, the pages whose notebook is not in the cache yet (a page re-runs
   when its code changes). With the environment variable ``CI`` set, every page Sphinx reads,
@@ -36,10 +37,11 @@ import os
 import re
 import traceback
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
+from tempfile import TemporaryDirectory
 from typing import Any
 
 from sphinx.application import Sphinx
@@ -62,6 +64,7 @@ class Page:
     notebook: Any  # nbformat.NotebookNode
     timeout: int | None
     allow_errors: bool
+    in_temp: bool  # executed in a temporary folder, not the page's own
     read_fmt: dict | None
 
 
@@ -107,17 +110,19 @@ def notebook_page(env: BuildEnvironment, docname: str) -> Page | None:
             for p in nb_config.execution_excludepatterns):
         return None
     return Page(docname, path, notebook, nb_config.execution_timeout,
-                nb_config.execution_allow_errors, reader.read_fmt)
+                nb_config.execution_allow_errors, nb_config.execution_in_temp, reader.read_fmt)
 
 
-def execute(notebook: Any, cwd: str, timeout: int | None, allow_errors: bool
-            ) -> tuple[Any, float, str | None]:
-    """In a worker process: execute the notebook in ``cwd`` as myst-nb's cache mode does.
-    Returns (the executed notebook, seconds, the traceback as text or None)."""
+def execute(page: Page) -> tuple[Any, float, str | None]:
+    """In a worker process: execute the page's notebook as myst-nb's cache mode does, in the
+    page's folder (or a temporary one). Returns (the executed notebook, seconds, the traceback
+    as text or None)."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    result = single_nb_execution(notebook, cwd=cwd, timeout=timeout,
-                                 allow_errors=allow_errors, meta_override=True)
+    with (TemporaryDirectory() if page.in_temp else nullcontext(str(page.path.parent))) as cwd:
+        result = single_nb_execution(page.notebook, cwd=os.path.abspath(cwd),
+                                     timeout=page.timeout, allow_errors=page.allow_errors,
+                                     meta_override=True)
     return result.nb, result.time, result.exc_string if result.err is not None else None
 
 
@@ -174,24 +179,33 @@ def execute_in_pool(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> 
     workers = min(workers, len(pages))
     logger.info(f"executing {len(pages)} notebook pages, {workers} at a time")
     # spawn, not fork: the workers start clean, not as copies of this Sphinx process
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
         running: dict[Future, Page] = {}
         for page in pages:
             logger.info(f"Executing notebook in a pool of {workers} processes",
                         location=page.docname)
-            running[pool.submit(execute, page.notebook, str(page.path.parent), page.timeout,
-                                page.allow_errors)] = page
-        for future in as_completed(running):
-            page = running[future]
-            try:
-                notebook, seconds, error = future.result()
-            except Exception as err:  # the worker itself broke, not a cell
-                forget(cache, page, "".join(traceback.format_exception_only(err)).strip())
-                continue
-            if error is not None:
-                forget(cache, page, ANSI_COLOUR.sub("", error).strip().splitlines()[-1])
-            else:
-                store(cache, page, notebook, seconds)
+            running[pool.submit(execute, page)] = page
+        collect(cache, running)
+    except BaseException:   # an interrupted build leaves no queued page to run
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def collect(cache: Any, running: dict[Future, Page]) -> None:
+    """Store each page in the cache as its execution ends, or forget it if it failed."""
+    for future in as_completed(running):
+        page = running[future]
+        try:
+            notebook, seconds, error = future.result()
+        except Exception as err:  # the worker itself broke, not a cell
+            forget(cache, page, "".join(traceback.format_exception_only(err)).strip())
+            continue
+        if error is not None:
+            forget(cache, page, ANSI_COLOUR.sub("", error).strip().splitlines()[-1])
+        else:
+            store(cache, page, notebook, seconds)
 
 
 def setup(app: Sphinx) -> dict:
