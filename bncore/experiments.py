@@ -105,8 +105,10 @@ def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int
     """
     gen = seed_everything(seed)
     X_train, y_train, X_test, y_test = as_tensors(split, image=image)
-    opt = (torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=lr))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Plain SGD is written out: the update torch.optim.SGD makes (p.add_(grad, alpha=-lr)),
+    # without its bookkeeping, which costs these tiny nets a fifth of their step.
+    opt = None if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     history: dict[str, list[Any]] = {"step": [0], "test_acc": [accuracy(model, X_test, y_test)],
                                      "train_loss": [np.nan]}
@@ -114,9 +116,16 @@ def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int
     for step in range(1, steps + 1):
         idx = torch.randint(len(X_train), (batch_size,), generator=gen)
         loss = loss_fn(model(X_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if opt is None:
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if g is not None:
+                        p.add_(g, alpha=-lr)
+        else:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         if on_step is not None:
             on_step(step, model)
         if step % eval_every == 0 or step == steps:
@@ -136,6 +145,9 @@ def placement_sweep(arch: str = "mlp", placements: tuple = (None, "before", "aft
     arch: "mlp" (:func:`mlp` with ``sizes``) or "cnn" (:func:`small_cnn` with ``channels``).
     The runs are paired: for a given seed every placement starts from the same Linear/Conv
     weights (BatchNorm layers draw no random numbers) and sees the same mini-batches.
+    The seeds of a placement are trained side by side as one stack (:class:`StackedMLP`,
+    :class:`StackedCNN`, :func:`train_stack`), in which each net follows the updates it would
+    follow alone, as ``train_classifier(model, split, steps, lr=lr, seed=seed)`` trains it.
     Returns {"placements": [...], "seeds": [...], "step": [...], "test_acc": array (P, S, T)}
     with T evaluations (step 0, every ``eval_every`` steps, and the last step).
     """
@@ -151,16 +163,15 @@ def placement_sweep(arch: str = "mlp", placements: tuple = (None, "before", "aft
     torch.set_num_threads(1)
     acc = []
     try:
-        for placement in placements:
-            row = []
-            for seed in seeds:
-                seed_everything(seed)
-                model = (mlp(list(sizes), activation, bn=placement) if arch == "mlp"
-                         else small_cnn(channels, bn=placement, activation=activation))
-                history = train_classifier(model, split, steps, lr=lr, seed=seed,
-                                           eval_every=eval_every, image=arch == "cnn")
-                row.append(history["test_acc"])
-            acc.append(row)
+        for placement in placements:   # one stack each: a stack of one kind of net is faster
+            members = [Member(norm=None if placement is None else "bn",
+                              placement=placement or "before", seed=seed, lr=lr)
+                       for seed in seeds]
+            model = (StackedMLP(sizes, members, activation) if arch == "mlp"
+                     else StackedCNN(members, channels, activation=activation))
+            history = train_stack(model, split, steps, eval_every=eval_every,
+                                  score_train=False)
+            acc.append(history["test_acc"])
     finally:
         torch.set_num_threads(threads)
     return {"placements": list(placements), "seeds": list(seeds), "step": history["step"],
@@ -416,6 +427,7 @@ def steps_to(history: dict, level: float) -> int | None:
 # updates it would follow alone (tests/test_stack.py checks this against train_classifier).
 
 NORMS = (None, "bn", "ln", "gn", "syncbn")
+PLACEMENTS = ("before", "after")
 
 
 @dataclass(frozen=True)
@@ -423,8 +435,10 @@ class Member:
     """One net of a stack.
 
     norm: None (none), "bn" (batch norm), "ln" (layer norm), "gn" (group norm) or "syncbn"
-        (bncore.torch.SyncBatchNorm), after every hidden Linear or convolution, before the
-        activation.
+        (bncore.torch.SyncBatchNorm), after every hidden Linear or convolution.
+    placement: where the normalization sits: "before" the activation (Linear -> norm ->
+        activation, as :func:`mlp` with ``bn="before"``) or "after" it (Linear -> activation
+        -> norm).
     seed: the initial weights are those of the single net built after torch.manual_seed(seed)
         (:func:`mlp`, :func:`small_cnn`), and the mini-batches those of
         train_classifier(..., seed=seed): members with one seed start alike and see the same
@@ -440,6 +454,7 @@ class Member:
     """
 
     norm: str | None = None
+    placement: str = "before"
     seed: int = 0
     lr: float = 0.1
     init_gain: float | tuple[float, ...] | None = None
@@ -449,6 +464,8 @@ class Member:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.dropout < 1:
@@ -519,18 +536,21 @@ def _norm_layer(norm: str, ghost: int | None, members: int, channels: int,
 
 
 class StackNorm(nn.Module):
-    """The normalization layer of a stack: input (B, S*C, *), member s's channels are
-    s*C ... s*C + C - 1, each member normalized as its Member.norm says (None: unchanged).
+    """The normalization layer of a stack at one placement: input (B, S*C, *), member s's
+    channels are s*C ... s*C + C - 1, each member whose Member.placement is ``placement``
+    normalized as its Member.norm says, the others (and norm None) unchanged.
     Each run of consecutive members of one kind shares one module over their channels, which
     normalizes each member's channels on their own (batch norm is per channel; group norm's
     groups never straddle two members)."""
 
-    def __init__(self, members: Iterable[Member], channels: int, groups: int = 4) -> None:
+    def __init__(self, members: Iterable[Member], channels: int, groups: int = 4,
+                 placement: str = "before") -> None:
         super().__init__()
         # (kind, first member, number of members); kind is (norm, ghost)
         runs: list[tuple[tuple[str | None, int | None], int, int]] = []
         for s, member in enumerate(members):
-            kind = (member.norm, member.ghost)
+            kind = ((member.norm, member.ghost) if member.placement == placement
+                    else (None, None))
             if runs and runs[-1][0] == kind:
                 runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
             else:
@@ -539,6 +559,15 @@ class StackNorm(nn.Module):
         self.parts = nn.ModuleList(
             nn.Identity() if norm is None else _norm_layer(norm, ghost, count, channels, groups)
             for (norm, ghost), _, count in runs)
+
+    @staticmethod
+    def of(members: Sequence[Member], channels: Sequence[int], groups: int = 4,
+           placement: str = "before") -> nn.ModuleList | None:
+        """One StackNorm per hidden layer (of ``channels[l]`` channels) at ``placement``, or
+        None where no member normalizes there."""
+        if all(m.norm is None or m.placement != placement for m in members):
+            return None
+        return nn.ModuleList(StackNorm(members, c, groups, placement) for c in channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
@@ -565,9 +594,10 @@ def _linear_init(sizes: Sequence[int], seed: int, gain: float | tuple[float, ...
 
 
 class StackedMLP(nn.Module):
-    """S fully connected nets, one per Member, as :func:`mlp` with ``bn="before"`` where a
-    member normalizes: (Linear -> [norm] -> activation -> [dropout]) per hidden layer, then a
-    Linear. Input (B, S, sizes[0]): row b of member s is member s's example; output logits
+    """S fully connected nets, one per Member, as :func:`mlp` with ``bn=member.placement``
+    where a member normalizes: (Linear -> [norm] -> activation -> [norm] -> [dropout]) per
+    hidden layer, the norm before or after the activation, then a Linear.
+    Input (B, S, sizes[0]): row b of member s is member s's example; output logits
     (B, S, sizes[-1]). Building it draws from torch's global generator (see Member.seed)."""
 
     def __init__(self, sizes: Sequence[int], members: Iterable[Member],
@@ -579,9 +609,8 @@ class StackedMLP(nn.Module):
                                         for l in range(len(sizes) - 1))  # (S, in, out)
         self.biases = nn.ParameterList(nn.Parameter(torch.stack([b[l] for _, b in inits]))
                                        for l in range(len(sizes) - 1))   # (S, out)
-        use_norm = any(m.norm is not None for m in self.members)
-        self.norms = nn.ModuleList(StackNorm(self.members, h) for h in sizes[1:-1]) \
-            if use_norm else None
+        self.norms = StackNorm.of(self.members, sizes[1:-1])
+        self.norms_after = StackNorm.of(self.members, sizes[1:-1], placement="after")
         self.activation = ACTIVATIONS[activation]()
         # runs of consecutive members with one dropout probability: (first, count, p)
         self.dropout_runs: list[tuple[int, int, float]] = []
@@ -603,6 +632,8 @@ class StackedMLP(nn.Module):
             if self.norms is not None:
                 h = self.norms[layer](h.reshape(n, -1)).view(n, s, -1)
             h = self.activation(h)
+            if self.norms_after is not None:
+                h = self.norms_after[layer](h.reshape(n, -1)).view(n, s, -1)
             if self.training and any(p for _, _, p in self.dropout_runs):
                 h = torch.cat([_dropout(h.narrow(1, first, count), p)
                                for first, count, p in self.dropout_runs], dim=1)
@@ -624,13 +655,14 @@ def _bias(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
 
 
 class StackedCNN(nn.Module):
-    """S two-convolution nets, one per Member, as :func:`small_cnn` with ``bn="before"`` where
-    a member normalizes: (conv3x3 -> [norm] -> ReLU -> max-pool 2x2) twice, then a Linear.
+    """S two-convolution nets, one per Member, as :func:`small_cnn` with
+    ``bn=member.placement`` where a member normalizes: (conv3x3 -> [norm] -> activation ->
+    [norm] -> max-pool 2x2) twice, the norm before or after the activation, then a Linear.
     Input (B, S, 64) (8x8 digits); output logits (B, S, 10). Group norm uses ``groups``
     groups per layer. Building it draws from torch's global generator (see Member.seed)."""
 
     def __init__(self, members: Iterable[Member], channels: tuple[int, int] = (8, 16),
-                 groups: int = 4, n_classes: int = 10) -> None:
+                 groups: int = 4, n_classes: int = 10, activation: str = "relu") -> None:
         super().__init__()
         self.members, self.channels = tuple(members), tuple(channels)
         if any(m.init_gain is not None or m.dropout for m in self.members):
@@ -649,9 +681,9 @@ class StackedCNN(nn.Module):
                 _bias(conv).copy_(torch.cat([_bias(net[k]) for net in nets]))
         self.head_weight = nn.Parameter(torch.stack([net[2].weight.detach().T for net in nets]))
         self.head_bias = nn.Parameter(torch.stack([net[2].bias.detach() for net in nets]))
-        use_norm = any(m.norm is not None for m in self.members)
-        self.norms = nn.ModuleList(StackNorm(self.members, c, groups) for c in channels) \
-            if use_norm else None
+        self.norms = StackNorm.of(self.members, channels, groups)
+        self.norms_after = StackNorm.of(self.members, channels, groups, placement="after")
+        self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[:2]
@@ -660,7 +692,11 @@ class StackedCNN(nn.Module):
             h = conv(h)
             if self.norms is not None:
                 h = self.norms[layer](h)
-            h = nn.functional.max_pool2d(torch.relu(h), 2)
+            h = self.activation(h)
+            if self.norms_after is not None:
+                h = self.norms_after[layer](h)
+            # channels-last: several times faster on CPU for these small maps; same values
+            h = nn.functional.max_pool2d(h.contiguous(memory_format=torch.channels_last), 2)
         h = h.reshape(n, s, -1).transpose(0, 1)  # (S, B, c2 * 4)
         return torch.baddbmm(self.head_bias[:, None, :], h, self.head_weight).transpose(0, 1)
 

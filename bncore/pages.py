@@ -5,8 +5,9 @@ the ``{glue:text}`` references in the prose. A reader who downloads a page as a 
 opens it in Colab, runs the same code without myst-nb, so the pages import these helpers
 instead of myst-nb's:
 
-- :func:`glue` calls ``myst_nb.glue`` where myst-nb is installed; elsewhere it shows the value
-  when asked to display it, and does nothing otherwise.
+- :func:`glue` records the value as ``myst_nb.glue`` does where myst-nb is installed (without
+  importing it: that would cost a page one to two seconds, for one display call); elsewhere it
+  shows the value when asked to display it, and does nothing otherwise.
 - :func:`markdown_table` and :func:`show_table` show a table of results as a real table: a
   Markdown pipe table, which the book renders as HTML (``nb_render_markdown_format: myst`` in
   _config.yml) and Jupyter and Colab render as well.
@@ -14,20 +15,37 @@ instead of myst-nb's:
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-from typing import Any
+import importlib.util
+from collections.abc import Sequence
+
+#: The MIME-type prefix of a value glued without being displayed: myst-nb's ``GLUE_PREFIX``
+#: (myst_nb/ext/glue), the record format of papermill and scrapbook that myst-nb reads.
+GLUE_PREFIX = "application/papermill.record/"
 
 
-def _myst_nb_glue() -> Callable[..., Any] | None:
-    """myst_nb.glue, or None where myst-nb cannot be imported."""
+def _myst_nb_installed() -> bool:
+    """Whether myst-nb can be imported, found without importing it."""
     try:
-        return importlib.import_module("myst_nb").glue
-    except ImportError:
-        return None
+        return importlib.util.find_spec("myst_nb") is not None
+    except (ImportError, ValueError):   # a broken or stand-in module
+        return False
 
 
-def _display(obj: Any) -> None:
+def _glue_record(name: str, value: object, display: bool) -> None:
+    """What ``myst_nb.glue(name, value, display)`` does: display the value's MIME bundle with
+    metadata ``{"scrapbook": {"name": name, "mime_prefix": prefix}}``, its MIME types prefixed
+    by GLUE_PREFIX when it is not to be displayed. (Importing myst_nb.glue imports nbformat
+    and jsonschema, which takes longer than all the rest of this call.)"""
+    from IPython.core.formatters import format_display_data
+    from IPython.display import display as ipython_display
+
+    bundle, metadata = format_display_data(value)
+    prefix = "" if display else GLUE_PREFIX
+    metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
+    ipython_display({prefix + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
+
+
+def _display(obj: object) -> None:
     try:
         from IPython.display import display
     except ImportError:   # plain Python, no IPython: print the value instead
@@ -36,23 +54,22 @@ def _display(obj: Any) -> None:
     display(obj)
 
 
-def glue(name: str, value: Any, display: bool = True) -> None:
+def glue(name: str, value: object, display: bool = True) -> None:
     """Store ``value`` under ``name`` for ``{glue:text}`name`` in the book's prose.
 
-    In the book this is ``myst_nb.glue(name, value, display)``. Outside it (no myst-nb), the
-    value is displayed when ``display`` is true, as the book would show it, and nothing
-    visible happens otherwise.
+    In the book (myst-nb installed) this does what ``myst_nb.glue(name, value, display)``
+    does. Outside it (no myst-nb), the value is displayed when ``display`` is true, as the book
+    would show it, and nothing visible happens otherwise.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"glue needs a non-empty string name, got {name!r}")
-    myst_glue = _myst_nb_glue()
-    if myst_glue is not None:
-        myst_glue(name, value, display=display)
+    if _myst_nb_installed():
+        _glue_record(name, value, display)
     elif display:
         _display(value)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     text = str(value)
     if "\n" in text:
         raise ValueError(f"a table cell cannot span lines: {text!r}")

@@ -131,10 +131,10 @@ def build_book(out: Path, log: Path) -> float:
     """`jupyter-book build -W -n --keep-going --path-output out .`, strict, its output in log;
     fails with the end of the log unless the build succeeds. Returns the seconds it took.
 
-    The build runs in the local `cache` mode, CI removed from the environment (with CI set,
-    book/_ext/bn_book.py executes in "force" mode, which fills no execution cache). The one
-    place the tests spell out the build command: the built_book fixture and the cache test
-    both call it."""
+    The build runs as it does locally, CI removed from the environment (with CI set,
+    book/_ext/bn_execute.py executes every page again, whatever the execution cache holds, so
+    the cache test could not see the cache used). The one place the tests spell out the build
+    command: the built_book fixture and the cache test both call it."""
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", "-W", "-n",
            "--keep-going", "--path-output", str(out), "."]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
-import types
 
+import numpy as np
 import pytest
 from markdown_it import MarkdownIt
 
@@ -39,15 +40,28 @@ def test_glue_without_myst_nb_or_ipython_prints(no_myst_nb, monkeypatch, capsys)
     assert capsys.readouterr().out == "17\n"
 
 
-def test_glue_calls_myst_nb_when_it_is_installed(monkeypatch, shown):
-    calls = []
-    fake = types.ModuleType("myst_nb")
-    fake.glue = lambda name, value, display=True: calls.append((name, value, display))
-    monkeypatch.setitem(sys.modules, "myst_nb", fake)
-    pages.glue("ch9_value", 3, display=False)
-    pages.glue("ch9_shown", 4)
-    assert calls == [("ch9_value", 3, False), ("ch9_shown", 4, True)]
-    assert shown == []   # myst-nb displays it, not us
+def test_glue_records_what_myst_nb_glue_records(monkeypatch, shown):
+    import IPython.display
+    import myst_nb.ext.glue
+
+    ours, theirs = [], []
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: ours.append((a, k)))
+    monkeypatch.setattr(myst_nb.ext.glue, "ipy_display", lambda *a, **k: theirs.append((a, k)))
+    for value, display in [(3, False), (0.25, True), ("a <b>", False), (np.float64(1.5), False),
+                           (np.arange(3), True)]:
+        pages.glue("ch9_value", value, display=display)
+        myst_nb.ext.glue.glue("ch9_value", value, display=display)
+    assert ours == theirs and len(ours) == 5
+    assert shown == []   # recorded for myst-nb, not shown by us
+
+
+def test_glue_in_the_book_does_not_import_myst_nb():
+    # Importing myst_nb's glue imports nbformat and jsonschema: a second or two of every page.
+    code = ("import sys\nfrom bncore.pages import glue\nglue('x', 1.5, display=False)\n"
+            "print(sorted(m for m in ('myst_nb', 'nbformat', 'jsonschema') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_glue_rejects_a_name_that_is_not_a_string():

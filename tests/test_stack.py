@@ -22,6 +22,7 @@ from bncore.experiments import (
     largest_working,
     mean_std,
     mlp,
+    placement_sweep,
     small_cnn,
     train_classifier,
     train_stack,
@@ -53,6 +54,31 @@ def assert_member_matches(history, member, reference):
     np.testing.assert_allclose(history["test_acc"][member], reference["test_acc"], atol=1e-6)
     np.testing.assert_allclose(history["train_loss"][member][1:], reference["train_loss"][1:],
                                rtol=2e-4, atol=1e-5)
+
+
+def test_train_classifier_makes_the_updates_of_torch_sgd(split):
+    """train_classifier writes plain SGD out; torch.optim.SGD on the same batches is the
+    oracle, to the last bit."""
+    torch.manual_seed(0)
+    net = mlp([64, 32, 32, 10], "sigmoid", bn="before")
+    reference = [p.detach().clone() for p in net.parameters()]
+    history = train_classifier(net, split, STEPS, lr=0.3, seed=4, eval_every=STEPS)
+    X_train, y_train = torch.as_tensor(split.X_train, dtype=torch.float32), split.y_train
+    twin = mlp([64, 32, 32, 10], "sigmoid", bn="before")
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), reference, strict=True):
+            p.copy_(q)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.3)
+    batches = torch.Generator().manual_seed(4)
+    for _ in range(STEPS):
+        idx = torch.randint(len(X_train), (60,), generator=batches)
+        loss = nn.functional.cross_entropy(twin(X_train[idx]), torch.as_tensor(y_train)[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p, q in zip(net.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    assert history["train_loss"][-1] == loss.item()
 
 
 def layer_norm_mlp(sizes, seed):
@@ -111,6 +137,35 @@ def test_every_member_of_a_convolutional_stack_trains_as_it_would_alone(split):
                                             batch_size=16))
 
 
+@pytest.mark.parametrize("arch, activation", [("mlp", "sigmoid"), ("cnn", "tanh")])
+def test_members_normalize_before_or_after_the_activation_as_the_single_net_does(
+        split, arch, activation):
+    placements = ("after", None, "before", "after")   # runs of two kinds, one of them twice
+    members = [Member(norm=p and "bn", placement=p or "before", seed=seed, lr=0.1)
+               for p, seed in zip(placements, (3, 3, 3, 5), strict=True)]
+    stack = (StackedMLP([64, 32, 32, 10], members, activation) if arch == "mlp"
+             else StackedCNN(members, (8, 16), activation=activation))
+    history = train_stack(stack, split, STEPS, batch_size=16, eval_every=10)
+    for i, (placement, member) in enumerate(zip(placements, members, strict=True)):
+        torch.manual_seed(member.seed)
+        net = (mlp([64, 32, 32, 10], activation, bn=placement) if arch == "mlp"
+               else small_cnn((8, 16), bn=placement, activation=activation))
+        assert_member_matches(history, i, alone(net, split, member.seed, 0.1,
+                                                image=arch == "cnn", batch_size=16))
+
+
+def test_placement_sweep_pairs_the_placements_of_a_seed(split):
+    sweep = placement_sweep("mlp", (None, "before", "after"), (0, 1), steps=STEPS, lr=0.1,
+                            sizes=(64, 16, 10), eval_every=10, split=split)
+    assert sweep["test_acc"].shape == (3, 2, len(sweep["step"])) and sweep["step"][-1] == STEPS
+    for i, placement in enumerate(sweep["placements"]):
+        for j, seed in enumerate(sweep["seeds"]):
+            torch.manual_seed(seed)
+            reference = alone(mlp([64, 16, 10], bn=placement), split, seed, 0.1)
+            np.testing.assert_allclose(sweep["test_acc"][i, j], reference["test_acc"],
+                                       atol=1e-6)
+
+
 def test_members_of_one_seed_are_paired_and_a_diverging_member_harms_no_other(split):
     members = [Member(seed=0, lr=0.1), Member(seed=0, lr=1e4), Member(seed=0, lr=0.1)]
     history = train_stack(StackedMLP([64, 16, 10], members), split, STEPS, eval_every=10)
@@ -164,7 +219,7 @@ def test_ghost_batch_norm_with_the_whole_batch_is_batch_norm_and_rejects_a_ragge
 @pytest.mark.parametrize("bad, match", [
     (dict(norm="batch"), "norm must be"), (dict(lr=0.0), "lr must be"),
     (dict(dropout=1.0), "dropout"), (dict(ghost=4), "ghost"),
-    (dict(norm="bn", ghost=1), "ghost"),
+    (dict(norm="bn", ghost=1), "ghost"), (dict(norm="bn", placement="inside"), "placement"),
 ])
 def test_member_rejects_what_it_cannot_train(bad, match):
     with pytest.raises(ValueError, match=match):

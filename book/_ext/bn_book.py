@@ -9,8 +9,9 @@ It does six small things that a static _config.yml cannot:
    served through ``html_extra_path``, which puts them at ``_build/html/mathjax/``. The
    ``mathjax_path`` in _config.yml (``../mathjax/tex-chtml.js``, relative to ``_static/``)
    points there; MathJax finds its fonts and extensions relative to its own script.
-2. **Fresh execution on CI.** With the environment variable ``CI`` set, notebooks are executed
-   with ``nb_execution_mode = "force"`` instead of the local ``cache``.
+2. **Pages executed in parallel, afresh on CI.** ``bn_execute.py`` (set up from here) executes
+   the notebook pages in a pool of two processes into myst-nb's execution cache before Sphinx
+   reads them; with the environment variable ``CI`` set, every page, cached or not.
 3. **Colab links that open.** Colab opens ``.ipynb`` files only, and the pages are MyST
    Markdown. The executed notebook of every page is published with the HTML under
    ``_sources/<page>.ipynb``; the Colab launch button is pointed at that file on the branch
@@ -29,7 +30,6 @@ It does six small things that a static _config.yml cannot:
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -86,12 +86,6 @@ def stage_mathjax(app: Sphinx, config: Config) -> None:
         stamp.write_text(version)
     if str(extra) not in config.html_extra_path:
         config.html_extra_path.append(str(extra))
-
-
-def execution_mode(app: Sphinx, config: Config) -> None:
-    """Execute every page afresh on CI; use the cache elsewhere."""
-    if os.environ.get("CI"):
-        config.nb_execution_mode = "force"
 
 
 def colab_from_published_notebook(app: Sphinx, pagename, templatename, context, doctree) -> None:
@@ -336,9 +330,10 @@ def add_stylesheet(app: Sphinx, config: Config) -> None:
 
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bn_colab_branch", "gh-pages", "html")
+    # Executes the notebook pages in parallel (afresh on CI) before Sphinx reads them.
+    app.setup_extension("bn_execute")
     # Before Sphinx checks html_extra_path (priority 800) and before myst-nb reads its config.
     app.connect("config-inited", stage_mathjax, priority=400)
-    app.connect("config-inited", execution_mode, priority=400)
     app.connect("config-inited", add_stylesheet, priority=400)
     # After Sphinx's own numbering (the toctree collector, priority 500).
     app.connect("env-get-updated", number_sections_across_pages, priority=900)
