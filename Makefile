@@ -26,7 +26,7 @@ book: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/system-deps.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The tests marked neither slow nor grading (each grading test file sets pytestmark).
 test-fast: $(STAMP)
