@@ -196,9 +196,9 @@ def _stats_to_fold(layer: nn.Linear | nn.Conv2d,
 @torch.no_grad()
 def fold_bn(layer: nn.Linear | nn.Conv2d,
             bn: BatchNormLayer) -> nn.Linear | nn.Conv2d:
-    """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that follows it
-    folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output channel) and
-    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
+    """A copy of ``layer`` (nn.Linear or nn.Conv2d) with the eval-mode ``bn`` that
+    follows it folded in: ``W' = W * gamma / sqrt(var + eps)`` (one factor per output
+    channel) and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``."""
     mean, var = _stats_to_fold(layer, bn)  # ValueError for a BN that cannot be folded
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
@@ -206,7 +206,8 @@ def fold_bn(layer: nn.Linear | nn.Conv2d,
     folded = copy.deepcopy(layer)
     bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
     shift = bn.bias if bn.bias is not None else torch.zeros_like(mean)
-    folded.weight.copy_(layer.weight * scale.reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+    per_channel = (-1,) + (1,) * (layer.weight.dim() - 1)  # (C_out, 1, ...)
+    folded.weight.copy_(layer.weight * scale.reshape(per_channel))
     folded.bias = nn.Parameter((bias - mean) * scale + shift)
     return folded
 
