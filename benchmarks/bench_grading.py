@@ -16,8 +16,8 @@ each submission one of three kinds, in turn, as bngrade.submissions builds them:
 - ``bngrade.autograde -j 1``: the runner with one worker on the same students (what a long-lived
   worker saves, without parallelism);
 - ``bngrade.autograde -j N``: the runner on the whole class as an instructor runs it, the canary
-  before and the similarity report after included (``--jobs``, default 2: the target is stated
-  for two cores).
+  before and the similarity report after included (``--jobs``, default the runner's own: one
+  more than the cores; the target is stated for two cores).
 
 Both graders must give the same grades to the students they both graded (checked). Printed:
 seconds per notebook (wall clock), the speed-up over plain nbgrader, and the time for 1000
@@ -48,6 +48,7 @@ from pathlib import Path
 import nbformat
 
 from bncore.runner import nbgrader_meta
+from bngrade.autograde import default_jobs
 from bngrade.course import assignments as course_assignments
 from bngrade.course import nbgrader_command
 from bngrade.submissions import submission_kinds
@@ -329,7 +330,8 @@ def main() -> None:
     parser.add_argument("--students", type=int, default=100, help="class size (default 100)")
     parser.add_argument("--baseline", type=int, default=4,
                         help="students graded by plain nbgrader (default 4)")
-    parser.add_argument("--jobs", type=int, default=2, help="runner workers (default 2)")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help=f"runner workers (default the runner's, {default_jobs()})")
     parser.add_argument("--profile", action="store_true",
                         help="split one notebook's time into its parts instead")
     parser.add_argument("--repeats", type=int, default=3, help="runs per notebook (--profile)")

@@ -297,7 +297,7 @@ WORKFLOW = [
     "nbgrader zip_collect ch3-forward-backward",
     "python -m bngrade scan submitted/*/ch3-forward-backward/ch3-forward-backward.ipynb",
     "python -m bngrade canary ch3-forward-backward",
-    "python -m bngrade.autograde ch3-forward-backward --jobs 2",
+    "python -m bngrade.autograde ch3-forward-backward",
     "python -m bngrade similarity ch3-forward-backward",
     "python -m bngrade written ch3-forward-backward",
     "python -m bngrade written ch3-forward-backward --score 1001 written_jacobian 2 "

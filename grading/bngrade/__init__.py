@@ -5,7 +5,7 @@ nbgrader). Every command runs from the course root, where ``nbgrader_config.py``
 
     python -m bngrade release [ASSIGNMENT...]        solutions/ -> exercises/ (make exercises)
     python -m bngrade canary ASSIGNMENT              grade the solution first: is the set-up right?
-    python -m bngrade.autograde ASSIGNMENT --jobs 2  grade a class on every core (canary first)
+    python -m bngrade.autograde ASSIGNMENT           grade a class on every core (canary first)
     python -m bngrade scan NOTEBOOK...               what is suspicious in submissions
     python -m bngrade similarity ASSIGNMENT          answers that match bncore or each other
     python -m bngrade written ASSIGNMENT [--score STUDENT CELL POINTS]

@@ -415,10 +415,14 @@ def _graded_in_gradebook(coursedir: Any, assignments: Sequence[str]) -> set[tupl
 
 
 def default_jobs() -> int:
+    """One worker more than the cores this process may use: a worker waits for its kernel's
+    replies a good part of the time (on two cores, -j 3 kept them 77 % busy against 65 % for
+    -j 2, and graded a class in three quarters of the time)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores) + 1
 
 
 class Pool:
@@ -757,7 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", action="append", metavar="ID",
                         help="grade only this student (repeatable)")
     parser.add_argument("--jobs", "-j", type=int, default=None,
-                        help=f"worker processes (default: the number of cores, {default_jobs()})")
+                        help="worker processes (default: one more than the cores, "
+                        f"{default_jobs()})")
     parser.add_argument("--force", action="store_true",
                         help="regrade submissions that an earlier run graded")
     parser.add_argument("--no-canary", action="store_true",
