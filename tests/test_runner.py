@@ -76,6 +76,8 @@ def test_cell_names_count_code_cells_as_jupyterlab_numbers_them():
     assert runner.cell_name(nb, 3) == "cell [2] (test_b)"
 
 
+# The test cell's own warning is raised here, in the checker's process: not the notebook's.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 def test_warnings_in_the_answer_and_in_the_test_cost_nothing(tmp_path):
     """A correct answer that warns (NumPy's deprecated row_stack, a batch-of-one variance), and
     a test whose own NumPy warns, pass; a failing assertion still fails."""
