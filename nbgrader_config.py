@@ -32,8 +32,7 @@ from nbgrader.preprocessors import (
     SaveAutoGrades,
 )
 
-from bngrade.asserts import SECRET_ENV
-from bngrade.course import course_secret
+from bngrade.course import SECRET_ENV, course_secret
 from bngrade.execute import GradingExecute
 from bngrade.feedback import HideHiddenTests
 from bngrade.report import StoreGradingReport

@@ -56,6 +56,11 @@ def nbgrader_meta(cell: Any) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def grade_ids(nb: Any) -> list[str]:
+    """The nbgrader ids of a notebook's cells, in order."""
+    return [nbgrader_meta(c)["grade_id"] for c in nb.cells if nbgrader_meta(c).get("grade_id")]
+
+
 def is_test_cell(cell: Any) -> bool:
     """An autograded test: a code cell that carries points and is not an answer."""
     meta = nbgrader_meta(cell)
@@ -74,16 +79,19 @@ def is_skipped(cell: Any) -> bool:
     return SKIP_TAG in (cell.get("metadata", {}).get("tags") or [])
 
 
-def split_hidden(source: str) -> tuple[str, str]:
-    """A test cell's source as (visible code, hidden code). Hidden regions are blanked in the
-    visible part and the other way round, so line numbers stay those of the cell."""
+def split_hidden(source: str, begin: str = BEGIN_HIDDEN,
+                 end: str = END_HIDDEN) -> tuple[str, str]:
+    """A test cell's source as (visible code, hidden code), the hidden regions being those
+    between the lines holding ``begin`` and ``end``. Hidden regions are blanked in the
+    visible part and the other way round, and the marker lines in both, so line numbers stay
+    those of the cell."""
     visible, hidden, inside = [], [], False
     for line in source.split("\n"):
-        if BEGIN_HIDDEN in line:
+        if begin in line:
             inside = True
             visible.append("")
             hidden.append("")
-        elif END_HIDDEN in line:
+        elif end in line:
             inside = False
             visible.append("")
             hidden.append("")

@@ -6,9 +6,9 @@ on stdin, one JSON reply per line on stdout. ``spawn`` forks a kernel: the child
 network and IPC namespace of its own, a fresh ``/tmp`` and ``/dev/shm``, a private working
 folder showing the submission's files read-only, the refused modules replaced, resource
 limits, and an unprivileged user of its own without capabilities; then it becomes an IPython
-kernel. ``poll``, ``signal`` and ``kill`` act on a kernel; ``kill`` also ends every process left
-by the kernel's user. This file imports nothing of the course's and is never imported: the
-sandbox shows the Python installation only.
+kernel. ``poll``, ``signal`` and ``kill`` act on a kernel; once a kernel is reaped (by
+``poll`` or ``kill``), every process left by its user is ended too. This file imports nothing
+of the course's and is never imported: the sandbox shows the Python installation only.
 """
 
 import ctypes

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from bncore.channel import Remote
-
-SECRET_ENV = "BNGRADE_SECRET"
+from bngrade.course import SECRET_ENV
 
 
 def hidden_rng(seed: int) -> np.random.Generator:

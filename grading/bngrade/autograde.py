@@ -1,11 +1,11 @@
 """Grade a whole class on every core: the real ``nbgrader autograde``, sharded by student.
 
 ``nbgrader autograde`` grades one notebook after another. This runner starts ``--jobs`` worker
-processes (default: one per core). Each worker loads the course's nbgrader configuration once
-and then runs nbgrader's own ``Autograde`` converter -- the code behind ``nbgrader autograde
-ASSIGNMENT --student S --force`` -- for one student at a time, so every notebook is graded
-exactly as nbgrader grades it: sanitized, executed in a fresh kernel of its own, its test cells
-restored from the gradebook, its grades written to the gradebook.
+processes (default: one more than the cores). Each worker loads the course's nbgrader
+configuration once and then runs nbgrader's own ``Autograde`` converter -- the code behind
+``nbgrader autograde ASSIGNMENT --student S --force`` -- for one student at a time, so every
+notebook is graded exactly as nbgrader grades it: sanitized, executed in a fresh kernel of its
+own, its test cells restored from the gradebook, its grades written to the gradebook.
 
 Run it from the course root, where ``nbgrader_config.py`` is::
 
@@ -753,7 +753,8 @@ def summary(results: list[Result], elapsed: float, out: TextIO = sys.stdout) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bngrade.autograde",
-        description="Autograde a class with nbgrader, in parallel (one worker per core).",
+        description="Autograde a class with nbgrader, in parallel (one worker more than the "
+        "cores).",
         epilog="Run from the course root (where nbgrader_config.py is).")
     parser.add_argument("assignments", nargs="*", metavar="ASSIGNMENT")
     parser.add_argument("--all", action="store_true",

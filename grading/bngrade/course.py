@@ -41,6 +41,10 @@ def course_directory(root: Path | str = ".") -> Any:
     return coursedir
 
 
+#: The environment variable that carries the course's secret to the grader's checks.
+SECRET_ENV = "BNGRADE_SECRET"
+
+
 def course_secret(root: Path | str = ".") -> str:
     """The course's secret (``<root>/.grading/secret``, made once at random): it seeds the
     hidden tests' inputs (``bngrade.asserts.hidden_rng``). Keep it out of the repository (the

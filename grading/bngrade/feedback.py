@@ -9,36 +9,22 @@ code never sees them; the last two steps are a second line of defence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades
 from traitlets import Bool, List
 
-from bncore.runner import BEGIN_HIDDEN, END_HIDDEN, is_test_cell
+from bncore.runner import BEGIN_HIDDEN, END_HIDDEN, is_test_cell, split_hidden
 
 _ERROR_NOTE = "(The traceback is not shown: this test cell contains hidden tests.)"
 _REDACTED = "[hidden test code removed]"
 
 
-def lines_by_region(source: str, begin: str = BEGIN_HIDDEN,
-                    end: str = END_HIDDEN) -> Iterator[tuple[bool, str]]:
-    """(hidden, line) for each line of a cell's source but the region markers: hidden is
-    True for a line inside a hidden test region."""
-    inside = False
-    for line in source.split("\n"):
-        if begin in line:
-            inside = True
-        elif end in line:
-            inside = False
-        else:
-            yield inside, line
-
-
 def hidden_code(source: str, begin: str = BEGIN_HIDDEN, end: str = END_HIDDEN) -> list[str]:
     """The lines of a cell's hidden test regions (stripped, at least 10 characters long)."""
-    return [line.strip() for hidden, line in lines_by_region(source, begin, end)
-            if hidden and len(line.strip()) >= 10]
+    hidden = split_hidden(source, begin, end)[1]
+    return [line.strip() for line in hidden.split("\n") if len(line.strip()) >= 10]
 
 
 _MAX_MESSAGE = 2000  # characters of an error message shown in feedback

@@ -22,7 +22,7 @@ from typing import Any
 import nbformat
 
 from bncore import bootstrap
-from bncore.runner import is_setup_cell, is_test_cell, nbgrader_meta
+from bncore.runner import grade_ids, is_setup_cell, is_test_cell, nbgrader_meta
 from bngrade.course import assignments, nbgrader_command
 
 BOOTSTRAP_ID = "bootstrap"
@@ -63,9 +63,7 @@ def released_tests(notebook: Any) -> dict[str, Any]:
         elif is_test_cell(cell):
             tests.append({"grade_id": meta["grade_id"], "points": float(meta["points"]),
                           "source": cell.source, "number": number})
-    order = [nbgrader_meta(c)["grade_id"] for c in notebook.cells
-             if nbgrader_meta(c).get("grade_id")]
-    return {"setup": setup, "tests": tests, "locked": locked, "order": order}
+    return {"setup": setup, "tests": tests, "locked": locked, "order": grade_ids(notebook)}
 
 
 def release(names: Sequence[str] | None = None, *, root: Path | str = ".",

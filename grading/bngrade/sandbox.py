@@ -47,6 +47,8 @@ from typing import Any, ClassVar
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import Bool, CaselessStrEnum, Integer, List, Unicode
 
+from bngrade.course import SECRET_ENV
+
 MiB = 2**20
 GiB = 2**30
 
@@ -55,8 +57,8 @@ SYSTEM_HIDDEN = ("/home", "/root", "/run", "/tmp", "/var/tmp", "/dev/shm", "/mnt
 # Environment variables a sandboxed kernel keeps from the grader; everything else (tokens,
 # credentials, proxies) stays outside.
 ENV_PASSED = ("NBGRADER_EXECUTION", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SOURCE_DATE_EPOCH")
-# Never given to a kernel, whatever the sandbox: the course's secret (bngrade.asserts).
-ENV_WITHHELD = ("BNGRADE_SECRET",)
+# Never given to a kernel, whatever the sandbox: the course's secret (bngrade.course).
+ENV_WITHHELD = (SECRET_ENV,)
 # Set in every graded kernel: one thread for the numerical libraries (limits stay meaningful
 # and parallel grading does not oversubscribe), and private, empty configuration folders.
 ENV_GRADING = {
@@ -67,6 +69,12 @@ ENV_GRADING = {
     "MPLBACKEND": "Agg",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
 }
+
+
+def _withheld(env: Any) -> dict[str, str]:
+    """``env`` without the variables no kernel may see (ENV_WITHHELD)."""
+    return {key: value for key, value in env.items() if key not in ENV_WITHHELD}
+
 
 # Arguments of every graded kernel: no input history (a database write per cell).
 KERNEL_ARGUMENTS = ("--HistoryManager.enabled=False",)
@@ -292,8 +300,7 @@ class SandboxedKernelManager(AsyncKernelManager):
             level("Grading sandbox: %s; %s.", mode, why)
         if mode == "off":
             cmd, kw = await super()._async_pre_start_kernel(**kw)
-            kw["env"] = {k: v for k, v in kw.get("env", os.environ).items()
-                         if k not in ENV_WITHHELD}
+            kw["env"] = _withheld(kw.get("env", os.environ))
             return cmd, kw
         cwd = Path(kw.get("cwd") or os.getcwd()).resolve()
         hidden = [Path(p) for p in SYSTEM_HIDDEN] + [Path(p) for p in self.hidden_paths]
@@ -311,17 +318,15 @@ class SandboxedKernelManager(AsyncKernelManager):
         if cmd and Path(cmd[0]).name.startswith("python"):
             cmd = [cmd[0], "-I", *cmd[1:], *KERNEL_ARGUMENTS]  # -I: no shadowing .py files
         kw["cwd"] = str(cwd)
-        env = self._kernel_env(kw.get("env", os.environ), private=Path(
-            "/tmp") if mode == "bwrap" else self._rundir)
-        limits = self._limits(with_processes=mode == "bwrap")
+        env = self._kernel_env(kw.get("env", os.environ))
+        limits = self._limits()
         # The kernel's own output (not the cells'): a capped log, not the grader's terminal,
         # which a submission could otherwise flood through file descriptors 1 and 2.
         kw["stdout"] = subprocess.DEVNULL
         kw["stderr"] = open(self._rundir / "kernel.log", "wb")  # noqa: SIM115 (Popen's)
         if mode == "rlimits":
             cmd = ["prlimit", *limit_arguments(**limits), "--", *cmd]
-            kw["env"] = {k: v for k, v in {**kw.get("env", os.environ), **env}.items()
-                         if k not in ENV_WITHHELD}
+            kw["env"] = _withheld({**kw.get("env", os.environ), **env})
             return cmd, kw
         os.chown(self.connection_file, uid, uid)
         refused = module_paths(self.refused_modules)
@@ -341,9 +346,12 @@ class SandboxedKernelManager(AsyncKernelManager):
         kw["env"] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         return ["prlimit", *limit_arguments(**limits), "--", *sandbox, *cmd], kw
 
-    def _kernel_env(self, grader_env: Any, private: Path) -> dict[str, str]:
+    def _kernel_env(self, grader_env: Any) -> dict[str, str]:
         """A sandboxed kernel's whole environment: a few of the grader's variables, one thread
-        for the numerical libraries, and private, empty configuration folders."""
+        for the numerical libraries, and private, empty configuration folders (in the kernel's
+        own /tmp under bubblewrap, else in its connection folder)."""
+        private = Path("/tmp") if self.mode == "bwrap" else self._rundir
+        assert private is not None
         env = {key: value for key, value in grader_env.items() if key in ENV_PASSED}
         env.update(ENV_GRADING)
         if self.mode == "bwrap":
@@ -354,10 +362,12 @@ class SandboxedKernelManager(AsyncKernelManager):
                                          "/usr/bin", "/bin"]))
         return env
 
-    def _limits(self, with_processes: bool) -> dict[str, Any]:
+    def _limits(self) -> dict[str, Any]:
+        """The kernel's resource limits; the process limit only where the kernel has a user
+        of its own (bubblewrap), since RLIMIT_NPROC counts every process of the user."""
         return {"memory": self.memory_limit, "cpu": self.cpu_limit,
                 "file_size": self.file_size_limit, "open_files": self.open_files_limit,
-                "processes": self.process_limit if with_processes else None}
+                "processes": self.process_limit if self.mode == "bwrap" else None}
 
     def _zygote(self, cwd: Path, hidden: list[Path]) -> Any:
         """The warm parent for a kernel working in ``cwd``, started on first use; None where
@@ -377,7 +387,7 @@ class SandboxedKernelManager(AsyncKernelManager):
             return None
         base = Path(tempfile.mkdtemp(prefix="bngrade-zygote-"))
         view = [*bwrap_view(hidden=hidden, scratch_size=self.scratch_size),
-                *bwrap_isolation(self._kernel_env(os.environ, private=Path("/tmp")))]
+                *bwrap_isolation(self._kernel_env(os.environ))]
         try:
             parent = warm.Zygote(root, base, view, REFUSED_MODULE, preload=self.preload)
         except (OSError, warm.ZygoteError) as error:
@@ -433,10 +443,11 @@ class SandboxedKernelManager(AsyncKernelManager):
 
     def kernel_log(self, limit: int = 2000) -> str:
         """The end of what the kernel process itself wrote to stderr (startup errors)."""
+        if self._rundir is None:
+            return ""
         try:
-            log = Path(self._rundir or "/nonexistent") / "kernel.log"
-            return log.read_bytes()[-limit:].decode(errors="replace")
-        except (OSError, TypeError):
+            return (self._rundir / "kernel.log").read_bytes()[-limit:].decode(errors="replace")
+        except OSError:
             return ""
 
     async def _async_cleanup_resources(self, restart: bool = False) -> None:
@@ -462,6 +473,8 @@ def check(course_root: Path | None = None) -> int:
 
     from jupyter_core.utils import run_sync
 
+    from bngrade.zygote import ZygoteProcess
+
     mode, why = sandbox_mode("auto")
     print(f"sandbox: {mode}" + (f" ({why})" if why else ""))
     root = Path(course_root or Path.cwd()).resolve()
@@ -479,7 +492,8 @@ def check(course_root: Path | None = None) -> int:
         km.refused_modules = ["bncore.numpy"]
         start = time.perf_counter()
         run_sync(km.start_kernel)(cwd=str(folder))
-        warm = type(km.provisioner.process).__name__ == "ZygoteProcess"  # type: ignore[union-attr]
+        warm = isinstance(km.provisioner.process,  # type: ignore[union-attr]
+                          ZygoteProcess)
         kc = km.blocking_client()
         kc.start_channels()
         try:

@@ -9,8 +9,7 @@ from typing import Any
 import nbformat
 from nbgrader.preprocessors import NbGraderPreprocessor
 
-from bncore.runner import nbgrader_meta
-from bngrade.feedback import lines_by_region
+from bncore.runner import grade_ids, nbgrader_meta, split_hidden
 
 
 class SanitizeSubmission(NbGraderPreprocessor):
@@ -25,8 +24,11 @@ class SanitizeSubmission(NbGraderPreprocessor):
     * a deleted locked cell (the setup cell, a test cell, an instruction) is put back where
       it belongs, after the cell that precedes it in the source notebook.
 
-    Edited, retyped or duplicated cells are left to nbgrader (OverwriteCells restores the
-    source of locked cells, DeduplicateIds keeps the last copy of a cell).
+    * an edited locked cell gets its source back (a test cell with its hidden tests), and
+      only a cell the student edited is named in the log.
+
+    Retyped or duplicated cells are left to nbgrader (OverwriteCells restores a retyped
+    locked cell, DeduplicateIds keeps the last copy of a cell).
     """
 
     def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
@@ -114,12 +116,11 @@ class SanitizeSubmission(NbGraderPreprocessor):
             source = nbformat.read(path, as_version=4)
         except Exception:
             return []
-        return [nbgrader_meta(c)["grade_id"] for c in source.cells
-                if nbgrader_meta(c).get("grade_id")]
+        return grade_ids(source)
 
 
 def _visible(source: str) -> str:
     """A cell's source without its hidden regions, blank lines and trailing spaces: what a
     student was shown of it."""
-    return "\n".join(line.rstrip() for hidden, line in lines_by_region(source)
-                     if not hidden and line.strip())
+    return "\n".join(line.rstrip() for line in split_hidden(source)[0].split("\n")
+                     if line.strip())

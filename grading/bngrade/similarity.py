@@ -102,7 +102,6 @@ def similar(a: frozenset, b: frozenset, threshold: float) -> float | None:
     return score if score >= threshold else None
 
 
-@functools.lru_cache(maxsize=1)
 def reference_sources() -> dict[str, str]:
     """Every top-level function and class of bncore's modules, by dotted name."""
     import bncore

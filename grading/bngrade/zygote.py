@@ -18,9 +18,10 @@ child (``bngrade._zygote_server``) that, before it runs a line of the student's 
 
 So each notebook still gets a kernel that never ran another student's code, in a sandbox of its
 own; what the kernels share is the memory of the imports, copy-on-write. Nothing the zygote
-imports may be a module the notebook is refused (the course's reference): it imports
-``PRELOAD`` only. :class:`ZygoteProcess` is the grader's handle on one kernel, with the
-methods of the ``subprocess.Popen`` that jupyter_client expects.
+imports may be a module the notebook is refused (the course's reference): it imports ``PRELOAD``
+and the libraries of ``SandboxedKernelManager.preload`` only. :class:`ZygoteProcess` is the
+grader's handle on one kernel, with the methods of the ``subprocess.Popen`` that jupyter_client
+expects.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class ZygoteError(RuntimeError):
 
 class Zygote:
     """One warm, sandboxed parent of kernels for the notebooks under ``course_root``, with its
-    kernels' connection folders under ``base``. ``sandbox``: the bubblewrap arguments (from
-    :func:`bngrade.sandbox.bwrap_arguments`) that hide what a kernel may not see."""
+    kernels' connection folders under ``base``. ``view``: the start of a bubblewrap command
+    line (:func:`bngrade.sandbox.bwrap_view` and :func:`bngrade.sandbox.bwrap_isolation`)
+    that hides what a kernel may not see."""
 
     def __init__(self, course_root: Path, base: Path, view: list[str], stub_text: str,
                  preload: Sequence[str] = ()) -> None:
