@@ -153,9 +153,11 @@ def as_graded(notebook: Any) -> list[str]:
     if not released:
         return []
     by_id = {cell["grade_id"]: cell for cell in released}
+    from bncore.runner import grade_ids, nbgrader_meta
+
     last = {}
     for index, cell in enumerate(notebook.cells):
-        grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        grade_id = nbgrader_meta(cell).get("grade_id")
         if grade_id:
             last[grade_id] = index
     changed = []
@@ -173,30 +175,32 @@ def as_graded(notebook: Any) -> list[str]:
                 notebook.cells[index] = cell = _new_cell(original)
                 cell.metadata.update(metadata)
             cell.source = original["source"]
-            cell.metadata["nbgrader"] = dict(original["nbgrader"])
-            if original["tags"]:
-                cell.metadata["tags"] = list(original["tags"])
+            _restore_metadata(cell, original)
         elif grade_id not in order or last[grade_id] != index:
             del cell.metadata["nbgrader"]  # the student's own cell (or an earlier copy)
-    present = {c.get("metadata", {}).get("nbgrader", {}).get("grade_id") for c in notebook.cells}
+    present = set(grade_ids(notebook))
     for original in released:
         if original["grade_id"] in present:
             continue
         cell = _new_cell(original)
-        cell.metadata["nbgrader"] = dict(original["nbgrader"])
-        if original["tags"]:
-            cell.metadata["tags"] = list(original["tags"])
+        _restore_metadata(cell, original)
         position = order.index(original["grade_id"])
         before = [name for name in order[:position] if name in present]
         index = 0
         if before:
             index = 1 + max(i for i, c in enumerate(notebook.cells)
-                            if c.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-                            == before[-1])
+                            if nbgrader_meta(c).get("grade_id") == before[-1])
         notebook.cells.insert(index, cell)
         present.add(original["grade_id"])
         changed.append(original["grade_id"])
     return changed
+
+
+def _restore_metadata(cell: Any, original: dict[str, Any]) -> None:
+    """The released cell's nbgrader metadata and tags, on ``cell``."""
+    cell.metadata["nbgrader"] = dict(original["nbgrader"])
+    if original["tags"]:
+        cell.metadata["tags"] = list(original["tags"])
 
 
 def _new_cell(original: dict[str, Any]) -> Any:

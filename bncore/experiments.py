@@ -17,6 +17,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from bncore.data import Split
+from bncore.pages import markdown_table
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -398,17 +399,15 @@ def placement_table(results: dict, placements: tuple = (None, "before", "after")
     summary of the per-seed differences a − b (the runs of one seed are paired).
     """
     names = {None: "no BN"}
-    header = "| placement | " + " | ".join(results) + " |"
-    rows = [header, "|" + " --- |" * (len(results) + 1)]
-    for i, placement in enumerate(placements):
-        cells = [format_summary(np.asarray(acc)[i], decimals) for acc in results.values()]
-        rows.append(f"| {names.get(placement, placement)} | " + " | ".join(cells) + " |")
+    rows = [[names.get(placement, placement),
+             *(format_summary(np.asarray(acc)[i], decimals) for acc in results.values())]
+            for i, placement in enumerate(placements)]
     if paired is not None:
         a, b = (list(placements).index(p) for p in paired)
-        cells = [format_summary(np.asarray(acc)[a] - np.asarray(acc)[b], decimals)
-                 for acc in results.values()]
-        rows.append(f"| {paired[0]} − {paired[1]}, paired | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append([f"{paired[0]} − {paired[1]}, paired",
+                     *(format_summary(np.asarray(acc)[a] - np.asarray(acc)[b], decimals)
+                       for acc in results.values())])
+    return markdown_table(["placement", *results], rows)
 
 
 def steps_to(history: dict, level: float) -> int | None:

@@ -103,17 +103,23 @@ def _check_input(x: ArrayLike, num_channels: int | None = None, against: str = "
     return x
 
 
-def _check_per_channel(name: str, v: ArrayLike | None, x: np.ndarray) -> np.ndarray | None:
-    """Return v as a (C,) array, or None; C is the channel count of x."""
+def _check_affine(name: str, v: ArrayLike | None, shape: tuple[int, ...],
+                  x: np.ndarray) -> np.ndarray | None:
+    """Return v as an array of the given shape, or None."""
     if v is None:
         return None
     v = np.asarray(v)
-    if v.shape != (x.shape[1],):
+    if v.shape != tuple(shape):
         raise ValueError(
-            f"{name} must have shape ({x.shape[1]},) to match input of shape {x.shape}, "
+            f"{name} must have shape {tuple(shape)} to match input of shape {x.shape}, "
             f"got shape {v.shape}"
         )
     return v
+
+
+def _check_per_channel(name: str, v: ArrayLike | None, x: np.ndarray) -> np.ndarray | None:
+    """Return v as a (C,) array, or None; C is the channel count of x."""
+    return _check_affine(name, v, (x.shape[1],), x)
 
 
 def _values_per_channel(shape: tuple[int, ...]) -> int:
@@ -667,20 +673,6 @@ def _check_example_input(x: ArrayLike, what: str) -> np.ndarray:
     return x
 
 
-def _check_affine(name: str, v: ArrayLike | None, shape: tuple[int, ...],
-                  x: np.ndarray) -> np.ndarray | None:
-    """Return v as an array of the given shape, or None."""
-    if v is None:
-        return None
-    v = np.asarray(v)
-    if v.shape != tuple(shape):
-        raise ValueError(
-            f"{name} must have shape {tuple(shape)} to match input of shape {x.shape}, "
-            f"got shape {v.shape}"
-        )
-    return v
-
-
 def _normalize_groups(xg: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """x_hat and 1/std of every group: xg (N, G, M) -> x_hat (N, G, M), inv_std (N, G).
 
@@ -688,7 +680,8 @@ def _normalize_groups(xg: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarra
     x_hat in xg's dtype. A group of no values (M == 0) has no statistics: mean 0, var 0.
     """
     if xg.shape[2] == 0:
-        mean = var = np.zeros(xg.shape[:2])
+        var = np.zeros(xg.shape[:2])
+        deviation = np.zeros_like(xg)
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # inf in x: NaN, as torch
             mean = xg.mean(axis=2, dtype=np.float64)
@@ -696,7 +689,7 @@ def _normalize_groups(xg: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarra
             var = np.square(deviation).mean(axis=2, dtype=np.float64)
     inv_std = (1.0 / np.sqrt(var + eps)).astype(xg.dtype)
     with np.errstate(invalid="ignore", over="ignore"):
-        x_hat = (xg - mean[..., None].astype(xg.dtype)) * inv_std[..., None]
+        x_hat = deviation * inv_std[..., None]
     return x_hat, inv_std
 
 
