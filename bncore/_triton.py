@@ -239,8 +239,7 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, stats_ptr,
     var_ptr), whose mean and invstd programs pid(1) == 0 store in stats rows 0 and 1 for the
     backward; else from the mean and invstd in stats."""
     pid_p = tl.program_id(1)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
+    cs, c_mask, c_off, first, last = _program_block(C, sc, tiles, tiles_per_program, BLOCK_C)
     if EVAL:
         mean = tl.load(mean_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
         var = tl.load(var_ptr + cs, mask=c_mask, other=1.0).to(tl.float32)
@@ -251,11 +250,8 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, stats_ptr,
     else:
         mean = tl.load(stats_ptr + cs, mask=c_mask, other=0.0)
         invstd = tl.load(stats_ptr + C + cs, mask=c_mask, other=0.0)
-    first = pid_p * tiles_per_program
-    last = tl.minimum(first + tiles_per_program, tiles)
-    _normalize_tiles(x_ptr, y_ptr, w_ptr, b_ptr, mean, invstd, cs, c_mask,
-                     cs.to(tl.int64) * sc, first, last, tiles_per_n, S, sn, ss, HAS_W, HAS_B,
-                     BLOCK_S, BLOCK_C)
+    _normalize_tiles(x_ptr, y_ptr, w_ptr, b_ptr, mean, invstd, cs, c_mask, c_off, first, last,
+                     tiles_per_n, S, sn, ss, HAS_W, HAS_B, BLOCK_S, BLOCK_C)
 
 
 @triton.jit
@@ -333,8 +329,7 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, dw_ptr
     """dx on the tiles of program pid(1), after adding up the P partial sums in part
     (2, P, C) (HAS_PARTIALS); programs pid(1) == 0 store dw and db."""
     pid_p = tl.program_id(1)
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
+    cs, c_mask, c_off, first, last = _program_block(C, sc, tiles, tiles_per_program, BLOCK_C)
     mean = tl.load(stats_ptr + cs, mask=c_mask, other=0.0)
     invstd = tl.load(stats_ptr + C + cs, mask=c_mask, other=0.0)
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -344,10 +339,8 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, part_ptr, dw_ptr
             index, mask = _partial_rows(p0, cs, c_mask, C, P, BLOCK_P)
             sum_dy += tl.sum(tl.load(part_ptr + index, mask=mask, other=0.0), axis=0)
             sum_dy_xc += tl.sum(tl.load(part_ptr + P * C + index, mask=mask, other=0.0), axis=0)
-    first = pid_p * tiles_per_program
-    last = tl.minimum(first + tiles_per_program, tiles)
     _grad_tiles(x_ptr, dy_ptr, dx_ptr, w_ptr, dw_ptr, db_ptr, mean, invstd, sum_dy, sum_dy_xc,
-                pid_p == 0, inv_count, cs, c_mask, cs.to(tl.int64) * sc, first, last,
+                pid_p == 0, inv_count, cs, c_mask, c_off, first, last,
                 tiles_per_n, S, sn, ss, TRAINING, HAS_W, NEED_DX, NEED_DW, NEED_DB, BLOCK_S)
 
 
