@@ -18,7 +18,7 @@ with that of ``x.clone()``, measured on the same tensor in the same rounds.
 the repeats) compares bncore.torch and bncore.numpy with torch.
 
 **The CPU proxy**, which any machine can run: the aten operations that one training step of
-bncore.torch's plain path dispatches (target: at most 30; torch.nn's takes 3), and the time
+bncore.torch's plain path dispatches (target: at most 30; both counts are printed), and the time
 of a training step on a tiny batch, (8, 16, 4, 4), over torch.nn's (target: at most 4x).
 
 **The GPU table** (CUDA only): the shapes of ``GPU_ROWS``, each in float32 and bfloat16,

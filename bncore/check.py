@@ -340,8 +340,8 @@ def check_file(path: str | os.PathLike, *, timeout: int = 60, out: TextIO | None
               "with the tests you can see (grading adds hidden tests).", file=out)
     edited = as_graded(notebook) or edited_locked_cells(notebook)
     checks, errors, _ = run_checks(notebook, timeout=timeout, path=path.resolve())
-    ok = bool(checks) and all(c[3] for c in checks) and not errors
     if as_json:
+        ok = bool(checks) and all(c[3] for c in checks) and not errors
         keys = ("cell", "grade_id", "points", "passed", "message")
         print(json.dumps({"checks": [dict(zip(keys, c, strict=True)) for c in checks],
                           "errors": [list(e) for e in errors], "passed": ok}), file=out)

@@ -95,10 +95,10 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int = 60,
                      lr: float = 0.1, seed: int = 0, eval_every: int = 50, image: bool = False,
-                     optimizer: str = "sgd",
                      on_step: Callable[[int, nn.Module], None] | None = None
                      ) -> dict[str, list[Any]]:
-    """Train with cross-entropy on random mini-batches (sampled with replacement across steps).
+    """Train with cross-entropy and plain SGD on random mini-batches (sampled with replacement
+    across steps).
 
     on_step(step, model) is called after every update, for recording activations.
     Returns {"step": [...], "test_acc": [...], "train_loss": [...]} with one entry per
@@ -107,9 +107,6 @@ def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int
     gen = seed_everything(seed)
     X_train, y_train, X_test, y_test = as_tensors(split, image=image)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Plain SGD is written out: the update torch.optim.SGD makes (p.add_(grad, alpha=-lr)),
-    # without its bookkeeping, which costs these tiny nets a fifth of their step.
-    opt = None if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     history: dict[str, list[Any]] = {"step": [0], "test_acc": [accuracy(model, X_test, y_test)],
                                      "train_loss": [np.nan]}
@@ -117,16 +114,13 @@ def train_classifier(model: nn.Module, split: Split, steps: int, batch_size: int
     for step in range(1, steps + 1):
         idx = torch.randint(len(X_train), (batch_size,), generator=gen)
         loss = loss_fn(model(X_train[idx]), y_train[idx])
-        if opt is None:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    if g is not None:
-                        p.add_(g, alpha=-lr)
-        else:
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        # Plain SGD written out: the update torch.optim.SGD makes (p.add_(grad, alpha=-lr)),
+        # without its bookkeeping, which costs these tiny nets a fifth of their step.
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.add_(g, alpha=-lr)
         if on_step is not None:
             on_step(step, model)
         if step % eval_every == 0 or step == steps:
@@ -534,6 +528,17 @@ def _norm_layer(norm: str, ghost: int | None, members: int, channels: int,
     return nn.GroupNorm(members * groups, width)
 
 
+def _runs(keys: Sequence[Any]) -> list[tuple[Any, int, int]]:
+    """The runs of equal consecutive ``keys``: (key, index of its first, length)."""
+    runs: list[tuple[Any, int, int]] = []
+    for i, key in enumerate(keys):
+        if runs and runs[-1][0] == key:
+            runs[-1] = (key, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((key, i, 1))
+    return runs
+
+
 class StackNorm(nn.Module):
     """The normalization layer of a stack at one placement: input (B, S*C, *), member s's
     channels are s*C ... s*C + C - 1, each member whose Member.placement is ``placement``
@@ -546,14 +551,8 @@ class StackNorm(nn.Module):
                  placement: str = "before") -> None:
         super().__init__()
         # (kind, first member, number of members); kind is (norm, ghost)
-        runs: list[tuple[tuple[str | None, int | None], int, int]] = []
-        for s, member in enumerate(members):
-            kind = ((member.norm, member.ghost) if member.placement == placement
-                    else (None, None))
-            if runs and runs[-1][0] == kind:
-                runs[-1] = (kind, runs[-1][1], runs[-1][2] + 1)
-            else:
-                runs.append((kind, s, 1))
+        runs = _runs([(m.norm, m.ghost) if m.placement == placement else (None, None)
+                      for m in members])
         self.runs = [(first * channels, count * channels) for _, first, count in runs]
         self.parts = nn.ModuleList(
             nn.Identity() if norm is None else _norm_layer(norm, ghost, count, channels, groups)
@@ -587,8 +586,7 @@ def _linear_init(sizes: Sequence[int], seed: int, gain: float | tuple[float, ...
         if len(gains) != len(layers):
             raise ValueError(f"need one gain per layer ({len(layers)}), got {gains}")
         for layer, g in zip(layers, gains, strict=True):
-            nn.init.normal_(layer.weight, 0.0, g * layer.weight.shape[1] ** -0.5)
-            nn.init.zeros_(layer.bias)
+            gaussian_init_(layer, g * layer.weight.shape[1] ** -0.5)
     return [layer.weight.detach().T for layer in layers], [layer.bias.detach() for layer in layers]
 
 
@@ -612,13 +610,8 @@ class StackedMLP(nn.Module):
         self.norms_after = StackNorm.of(self.members, sizes[1:-1], placement="after")
         self.activation = ACTIVATIONS[activation]()
         # runs of consecutive members with one dropout probability: (first, count, p)
-        self.dropout_runs: list[tuple[int, int, float]] = []
-        for s, member in enumerate(self.members):
-            last = self.dropout_runs[-1] if self.dropout_runs else None
-            if last and last[2] == member.dropout:
-                self.dropout_runs[-1] = (last[0], last[1] + 1, last[2])
-            else:
-                self.dropout_runs.append((s, 1, member.dropout))
+        self.dropout_runs = [(first, count, p)
+                             for p, first, count in _runs([m.dropout for m in self.members])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[:2]

@@ -210,8 +210,8 @@ def collect(cache: Any, running: dict[Future, Page]) -> None:
 
 def setup(app: Sphinx) -> dict:
     app.add_config_value("bn_execution_workers", 2, "env", types=[int])
-    # After myst-nb's own config-inited handlers; before it builds its configuration
-    # (builder-inited), which reads nb_execution_mode.
+    # Before myst-nb builds its configuration (builder-inited), which reads
+    # nb_execution_mode.
     app.connect("config-inited", execution_mode, priority=400)
     app.connect("env-before-read-docs", execute_in_pool)
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
