@@ -8,7 +8,7 @@ import pytest
 # The hidden tests draw their inputs with the course's secret (bngrade.asserts.hidden_rng). The
 # tests fix it, so that every run grades the same inputs; test_grading.py grades the model
 # solutions under other secrets too.
-os.environ["BNGRADE_SECRET"] = "the test suite's secret"
+os.environ["BNGRADE_SECRET"] = "the test suite's secret"  # bngrade.course.SECRET_ENV
 
 # pytest-timeout's limit for a test marked slow (a book build, a class autograded), in seconds;
 # every other test has the `timeout` of pyproject.toml. An explicit
@@ -40,14 +40,13 @@ def built_book(tmp_path_factory):
     twice more. Set BN_BUILT_BOOK=<path to _build/html> to test an existing build instead
     (for working on the tests; CI never sets it).
     """
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from tests.course import ROOT
     from tests.test_book import build_book
 
-    root = Path(__file__).resolve().parents[1]
     if os.environ.get("BN_BUILT_BOOK"):
         html = Path(os.environ["BN_BUILT_BOOK"]).resolve()
         assert (html / "index.html").is_file(), f"BN_BUILT_BOOK={html} holds no built book"
@@ -56,7 +55,7 @@ def built_book(tmp_path_factory):
     seconds = build_book(out, out / "build.log")
     (out / "build.seconds").write_text(f"{seconds:.1f}")
     html = out / "_build" / "html"
-    check = subprocess.run([sys.executable, "book/_ext/check_offline.py", str(html)], cwd=root,
+    check = subprocess.run([sys.executable, "book/_ext/check_offline.py", str(html)], cwd=ROOT,
                            capture_output=True, text=True)
     assert check.returncode == 0, f"check_offline.py found problems:\n{check.stderr}"
     return html

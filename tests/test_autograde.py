@@ -22,10 +22,9 @@ import sys
 import nbformat
 import pytest
 
-from bngrade.course import nbgrader_command
 from bngrade.scan import scan_submission
 from bngrade.submissions import autograded_points, group_one, points, submission_kinds
-from tests.course import COURSE_ID, ROOT
+from tests.course import COURSE_ID, nbgrader, released_course, submit
 
 # nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
 pytestmark = pytest.mark.grading
@@ -57,12 +56,6 @@ def test_digits_load_without_importing_scikit_learn():
 # --- a small class ---------------------------------------------------------------------------
 
 
-def nbgrader(*args, cwd):
-    done = subprocess.run([*nbgrader_command(), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{done.stderr[-3000:]}"
-
-
 def runner(course, *args, env=None):
     """python -m bngrade.autograde, run from the course root as an instructor would (the
     canary is left out: test_hostile.py tests it)."""
@@ -75,12 +68,7 @@ def runner(course, *args, env=None):
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """A course with ch3 released (in its gradebook) and nothing submitted yet."""
-    course = tmp_path_factory.mktemp("released") / "course"
-    course.mkdir()
-    shutil.copytree(ROOT / "solutions" / ASSIGNMENT, course / "solutions" / ASSIGNMENT)
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    nbgrader("generate_assignment", ASSIGNMENT, "--force", "--log-level=ERROR", cwd=course)
-    return course
+    return released_course(tmp_path_factory.mktemp("released") / "course", names=[ASSIGNMENT])
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +86,7 @@ def make_class(released, tmp_path, notebooks, name="course"):
     course = tmp_path / name
     shutil.copytree(released, course)
     for student, kind in KINDS.items():
-        folder = course / "submitted" / student / ASSIGNMENT
-        folder.mkdir(parents=True)
-        nbformat.write(notebooks[0][kind], folder / NAME)
+        submit(course, student, ASSIGNMENT, notebooks[0][kind])
     return course
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.course import ROOT
+
 SLEEP = 3.0   # seconds each page sleeps: two pages run one after the other take twice that
 
 pytestmark = pytest.mark.slow

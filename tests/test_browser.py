@@ -34,6 +34,7 @@ from tests.test_book import (
     NOTEBOOKS,
     PAGES,
     ROOT,
+    code_cells,
     graded_target,
     repository_blob_prefix,
     source_of,
@@ -586,9 +587,8 @@ def test_figures_are_drawn_at_the_column_width(visits):
 
 def table_calls(doc: str) -> int:
     """How many tables the page's code cells show (show_table, or a Markdown display)."""
-    text = source_of(doc).read_text(encoding="utf-8")
-    cells = re.findall(r"^```\{code-cell\}[^\n]*\n(.*?)^```", text, re.M | re.S)
-    return sum(len(re.findall(r"\bshow_table\(|\bMarkdown\(", cell)) for cell in cells)
+    return sum(len(re.findall(r"\bshow_table\(|\bMarkdown\(", cell))
+               for _, cell in code_cells(doc))
 
 
 def test_result_tables_are_tables(visits):

@@ -41,10 +41,11 @@ import nbformat
 import pytest
 
 from bncore.runner import BEGIN_HIDDEN, is_test_cell, nbgrader_meta
+from bngrade.course import nbgrader_command
 from bngrade.report import grading_problems, timed_out
 from bngrade.sandbox import sandbox_mode
 from bngrade.scan import scan_submission
-from bngrade.submissions import model_submission, submission
+from bngrade.submissions import autograded_points, model_submission, submission
 from tests.course import (
     ASSIGNMENTS,
     COURSE_ID,
@@ -142,11 +143,11 @@ def graded_class(tmp_path_factory):
     start = time.perf_counter()
     with listener:
         done = subprocess.run(
-            [*nbgrader_command_args(), "autograde", "*", f"--Execute.timeout={TIMEOUT}",
+            [*nbgrader_command(), "autograde", "*", f"--Execute.timeout={TIMEOUT}",
              f"--SandboxedKernelManager.memory_limit={MEMORY}"], cwd=course,
             capture_output=True, text=True, timeout=3600)
     seconds = time.perf_counter() - start
-    feedback = [subprocess.run([*nbgrader_command_args(), "generate_feedback", a], cwd=course,
+    feedback = [subprocess.run([*nbgrader_command(), "generate_feedback", a], cwd=course,
                                capture_output=True, text=True, timeout=900)
                 for a in ASSIGNMENTS]
     nbgrader("export", cwd=course)
@@ -193,12 +194,6 @@ def graded_class(tmp_path_factory):
     return graded
 
 
-def nbgrader_command_args() -> list[str]:
-    from bngrade.course import nbgrader_command
-
-    return nbgrader_command()
-
-
 def autograded(g, student: str, assignment: str = ASSIGNMENT) -> Path:
     return g.course / "autograded" / student / assignment / f"{assignment}.ipynb"
 
@@ -226,7 +221,7 @@ def test_every_valid_alternative_gets_full_marks(graded_class):
     g = graded_class
     for student, assignment in g.alternatives:
         solution = nbformat.read(ROOT / "solutions" / assignment / f"{assignment}.ipynb", 4)
-        full = sum(float(nbgrader_meta(c)["points"]) for c in solution.cells if is_test_cell(c))
+        full = autograded_points(solution)
         graded = nbformat.read(autograded(g, student, assignment), as_version=4)
         failing = [f"{nbgrader_meta(c)['grade_id']}: {o.get('ename')}: {o.get('evalue')}"
                    for c in graded.cells if is_test_cell(c) for o in c.outputs

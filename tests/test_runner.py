@@ -9,8 +9,7 @@ import pytest
 from nbgrader.utils import determine_grade
 
 from bncore import runner
-from bngrade.course import assignments
-from tests.course import ROOT
+from tests.course import ASSIGNMENTS, ROOT
 
 
 def graded_cell(outputs):
@@ -56,7 +55,7 @@ def test_split_hidden_keeps_the_lines_where_they_were():
     assert hidden.split("\n") == ["", "", "b = 2", "", ""]
 
 
-@pytest.mark.parametrize("assignment", assignments(ROOT))
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
 def test_a_checked_kernel_cannot_import_the_reference(assignment):
     notebook = nbformat.read(ROOT / "exercises" / assignment / f"{assignment}.ipynb", 4)
     blocked = set(runner.blocked_modules(notebook))

@@ -148,15 +148,17 @@ def listening_addresses() -> list[str]:
     return found
 
 
+def state(layer):
+    """A copy of the layer's buffers and parameters, to tell whether a call changed them."""
+    return [t.clone() for t in (layer.running_mean, layer.running_var,
+                                layer.num_batches_tracked, layer.weight, layer.bias)]
+
+
 def bad_input_worker(rank, world_size):
     """Each scenario: what this process raised (type, message) and whether the layer's state
     was left unchanged; then a good step must still work on every process."""
     layer = SyncBatchNorm(3, dtype=torch.float64)
     layer(torch.randn(4, 3, dtype=torch.float64))  # buffers away from their defaults
-
-    def snapshot():
-        return [t.clone() for t in (layer.running_mean, layer.running_var,
-                                    layer.num_batches_tracked, layer.weight, layer.bias)]
 
     scenarios = {
         "wrong channels on 1": torch.randn(4, 5 if rank == 1 else 3, dtype=torch.float64),
@@ -166,21 +168,21 @@ def bad_input_worker(rank, world_size):
     }
     out = {}
     for name, x in scenarios.items():
-        before = snapshot()
+        before = state(layer)
         try:
             layer(x)
             raised = None
         except Exception as err:
             raised = (type(err).__name__, str(err))
-        same = all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+        same = all(torch.equal(a, b) for a, b in zip(before, state(layer), strict=True))
         out[name] = (raised, same)
-    before = snapshot()
+    before = state(layer)
     x = torch.randn(3, 3, dtype=torch.float64)
     if rank == 0:
         x[0, 1] = float("nan")
     y = layer(x)
     out["nan on 0"] = (bool(torch.isnan(y[:, 1]).all()),
-                       all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True)))
+                       all(torch.equal(a, b) for a, b in zip(before, state(layer), strict=True)))
     y = layer(torch.randn(2 + rank, 3, dtype=torch.float64))  # the group still works
     out["good step"] = bool(torch.isfinite(y).all())
     return out
@@ -424,11 +426,6 @@ def test_either_module_can_be_imported_first(first):
 
 
 # ------------------------------------------------------------------ bad input, one process
-
-def state(layer):
-    return [t.clone() for t in (layer.running_mean, layer.running_var,
-                                layer.num_batches_tracked, layer.weight, layer.bias)]
-
 
 def assert_unchanged(layer, before):
     assert all(torch.equal(a, b) for a, b in zip(before, state(layer), strict=True))

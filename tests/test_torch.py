@@ -1031,4 +1031,4 @@ def test_cuda_training_step_runs_at_most_six_kernels(split, monkeypatch):
         torch.autograd.grad(out, (x, m.weight, m.bias), dy)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) == (5 if split else 3) <= 6, kernels
+    assert len(kernels) == (5 if split else 3), kernels  # the target: at most 6
