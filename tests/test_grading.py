@@ -55,7 +55,16 @@ from bngrade.submissions import (
     submission,
     submission_kinds,
 )
-from tests.course import ASSIGNMENTS, COURSE_ID, ROOT, hidden_lines, nbgrader, visible_text
+from tests.course import (
+    ASSIGNMENTS,
+    COURSE_ID,
+    ROOT,
+    hidden_lines,
+    nbgrader,
+    released_course,
+    submit,
+    visible_text,
+)
 
 # nbgrader, notebook kernels or the grading sandbox: left out of `make test-fast`.
 pytestmark = pytest.mark.grading
@@ -178,17 +187,12 @@ def test_hide_hidden_tests_removes_code_and_tracebacks():
 def test_round_trip(assignment, tmp_path, capsys):
     from nbgrader.api import Gradebook
 
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copytree(ROOT / "solutions" / assignment, course / "solutions" / assignment)
-    shutil.copy(ROOT / "nbgrader_config.py", course)
     name = f"{assignment}.ipynb"
-
     # The release as students get it: the committed one (test_exercises_in_sync.py checks that
     # it is what nbgrader generates). generate_assignment also records the assignment's cells
     # in the gradebook, which autograde needs.
     committed = ROOT / "exercises" / assignment / name
-    nbgrader("generate_assignment", assignment, "--force", cwd=course)
+    course = released_course(tmp_path / "course", names=[assignment])
     release = nbformat.read(committed if committed.exists()
                             else course / "exercises" / assignment / name, as_version=4)
     solution = nbformat.read(course / "solutions" / assignment / name, as_version=4)
@@ -196,9 +200,7 @@ def test_round_trip(assignment, tmp_path, capsys):
     if assignment in CHEATS:
         students["cheater"] = submission(release, solution, answers=CHEATS[assignment])
     for student, nb in students.items():
-        folder = course / "submitted" / student / assignment
-        folder.mkdir(parents=True)
-        nbformat.write(nb, folder / name)
+        submit(course, student, assignment, nb)
 
     start = time.perf_counter()
     nbgrader("autograde", assignment, cwd=course)
