@@ -153,7 +153,7 @@ def as_graded(notebook: Any) -> list[str]:
     if not released:
         return []
     by_id = {cell["grade_id"]: cell for cell in released}
-    from bncore.runner import grade_ids, nbgrader_meta
+    from bncore.runner import grade_ids, insertion_index, nbgrader_meta
 
     last = {}
     for index, cell in enumerate(notebook.cells):
@@ -184,12 +184,7 @@ def as_graded(notebook: Any) -> list[str]:
             continue
         cell = _new_cell(original)
         _restore_metadata(cell, original)
-        position = order.index(original["grade_id"])
-        before = [name for name in order[:position] if name in present]
-        index = 0
-        if before:
-            index = 1 + max(i for i, c in enumerate(notebook.cells)
-                            if nbgrader_meta(c).get("grade_id") == before[-1])
+        index = insertion_index(notebook.cells, order, original["grade_id"], present)
         notebook.cells.insert(index, cell)
         present.add(original["grade_id"])
         changed.append(original["grade_id"])

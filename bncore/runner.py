@@ -32,7 +32,7 @@ import io
 import linecache
 import pkgutil
 import traceback
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,18 @@ def nbgrader_meta(cell: Any) -> dict:
 def grade_ids(nb: Any) -> list[str]:
     """The nbgrader ids of a notebook's cells, in order."""
     return [nbgrader_meta(c)["grade_id"] for c in nb.cells if nbgrader_meta(c).get("grade_id")]
+
+
+def insertion_index(cells: list[Any], order: list[str], name: str,
+                    present: Collection[Any]) -> int:
+    """Where a deleted cell ``name`` goes back among ``cells``: after the last cell (among
+    ``present``) that precedes it in ``order``, the source notebook's grade ids; at the top
+    when none does."""
+    before = [n for n in order[:order.index(name)] if n in present]
+    if not before:
+        return 0
+    return 1 + max(i for i, c in enumerate(cells)
+                   if nbgrader_meta(c).get("grade_id") == before[-1])
 
 
 def is_test_cell(cell: Any) -> bool:

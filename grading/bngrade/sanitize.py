@@ -9,7 +9,7 @@ from typing import Any
 import nbformat
 from nbgrader.preprocessors import NbGraderPreprocessor
 
-from bncore.runner import grade_ids, nbgrader_meta, split_hidden
+from bncore.runner import grade_ids, insertion_index, nbgrader_meta, split_hidden
 
 
 class SanitizeSubmission(NbGraderPreprocessor):
@@ -85,7 +85,7 @@ class SanitizeSubmission(NbGraderPreprocessor):
 
         present = {nbgrader_meta(c).get("grade_id") for c in nb.cells}
         order = self._source_order(info) or list(canonical)
-        for position, name in enumerate(order):
+        for name in order:
             if name in present or name not in canonical or not canonical[name][0]["locked"]:
                 continue
             meta, cell_type, source = canonical[name]
@@ -95,12 +95,7 @@ class SanitizeSubmission(NbGraderPreprocessor):
                 cell = nbformat.v4.new_markdown_cell(source)
             cell.metadata["nbgrader"] = dict(meta)
             cell.metadata.update(deletable=False, editable=False)
-            before = [n for n in order[:position] if n in present]
-            index = 0
-            if before:
-                index = 1 + max(i for i, c in enumerate(nb.cells)
-                                if nbgrader_meta(c).get("grade_id") == before[-1])
-            nb.cells.insert(index, cell)
+            nb.cells.insert(insertion_index(nb.cells, order, name, present), cell)
             present.add(name)
             self.log.warning("putting back the deleted cell %s", name)
         return nb, resources
